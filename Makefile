@@ -1,0 +1,33 @@
+# The two set-up commands from the README: `make serve` and `make test`.
+# Each creates .venv if missing and installs what it needs. torch is pinned to the CPU build
+# that lies on these machines' disk; a plain `torch` would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test serve lint typecheck clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Triton kernels run on the CPU through Triton's interpreter in the normal suite.
+test: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+serve: venv
+	$(VENV)/bin/deft serve --model tiny-sdxl
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check deft_runtime tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,22 @@
+"""``python -m benchmarks <suite> [options]``: one entry point for every suite."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {
+    "kernels": "benchmarks.kernels",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
+        print(f"usage: python -m benchmarks {{{','.join(SUITES)}}} [--help]", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(SUITES[sys.argv[1]])
+    module.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Adapter file formats. :func:`load_adapter` accepts every supported input and picks the reader.
+
+=========================================  ===========================================================
+input                                      reader
+=========================================  ===========================================================
+directory with ``adapter_config.json``     PEFT (``peft_type`` DEFT or LORA): :mod:`.peft`
+``*.safetensors`` with deft metadata       deft's own format: :mod:`.native`
+other ``*.safetensors``                    diffusers / kohya LoRA single file: :mod:`.lora_files`
+``.bin`` ``.pt`` ``.pth`` ``.ckpt`` pickle  refused, never unpickled (:class:`UnsafeAdapterFormat`)
+=========================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from deft_runtime.adapter import Adapter
+from deft_runtime.errors import AdapterFormatError
+from deft_runtime.formats.lora_files import load_lora_file, lora_from_single_file
+from deft_runtime.formats.native import from_native, is_native, load_native, save_native
+from deft_runtime.formats.peft import load_peft_dir, save_peft_dir
+from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ReadLimits",
+    "load_adapter",
+    "load_lora_file",
+    "load_native",
+    "load_peft_dir",
+    "save_adapter",
+    "save_native",
+    "save_peft_dir",
+]
+
+
+def load_adapter(
+    path: str | os.PathLike[str],
+    *,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    unet_config: Mapping[str, Any] | None = None,
+) -> Adapter:
+    """Read an adapter from a PEFT directory, deft's own file, or a diffusers/kohya LoRA file.
+
+    ``unet_config`` (the base UNet's config) lets kohya files with SGM block names map onto diffusers
+    module names. The result is validated on its own (dtypes, finiteness, structure); validation
+    against a base happens when it is compiled.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return load_peft_dir(path, limits)
+    if not path.exists():
+        raise AdapterFormatError(f"{path} does not exist")
+    tensors, metadata = read_safetensors(path, limits)
+    if is_native(metadata):
+        return from_native(tensors, metadata)
+    if any(".deft_P" in k for k in tensors):
+        raise AdapterFormatError(
+            f"{path.name} holds PEFT DEFT weights without their adapter_config.json; pass the PEFT directory"
+        )
+    return lora_from_single_file(tensors, metadata, unet_config)
+
+
+def save_adapter(
+    adapter: Adapter, path: str | os.PathLike[str], *, format: Literal["deft", "peft"] = "deft"
+) -> Path:
+    """Write ``adapter`` in deft's own single-file format or as a PEFT directory."""
+    if format == "deft":
+        return save_native(adapter, path)
+    if format == "peft":
+        return save_peft_dir(adapter, path)
+    raise ValueError(f"unknown adapter format {format!r}; expected 'deft' or 'peft'")

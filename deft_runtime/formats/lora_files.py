@@ -1,0 +1,93 @@
+"""Single-file LoRA checkpoints: diffusers (``pytorch_lora_weights.safetensors``) and kohya (``lora_unet_…``).
+
+Conversion of the many community layouts (kohya/A1111, SGM block names, the old attention-processor
+keys) is delegated to diffusers' own ``lora_state_dict`` and ``convert_unet_state_dict_to_peft``, so
+deft accepts exactly what diffusers accepts; the result is PEFT-style keys which
+:func:`deft_runtime.formats.peft.lora_from_tensors` turns into layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from deft_runtime.adapter import Adapter, AdapterKind
+from deft_runtime.errors import AdapterFormatError
+from deft_runtime.formats.peft import lora_from_config, lora_from_tensors, strip_prefix
+from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
+from deft_runtime.validation import validate_structure, validate_tensors
+
+#: diffusers stores the LoraConfig of each component under this safetensors metadata key.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+
+def _to_peft_keys(
+    tensors: dict[str, torch.Tensor], unet_config: Mapping[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PEFT-style tensors and module → alpha, from any layout diffusers understands."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    try:
+        state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(
+            dict(tensors), unet_config=unet_config
+        )
+        state = convert_unet_state_dict_to_peft(state)
+        # network alphas are keyed like their `down` tensor + ".alpha"; convert the key the same way.
+        alpha_keys = {k.removesuffix(".alpha"): torch.tensor(v) for k, v in (network_alphas or {}).items()}
+        converted_alphas = convert_unet_state_dict_to_peft(alpha_keys) if alpha_keys else {}
+    except (ValueError, KeyError, RuntimeError, IndexError) as e:
+        raise AdapterFormatError(f"not a LoRA layout diffusers can read: {e}") from e
+    alphas = {strip_prefix(k).removesuffix(".lora_A.weight"): float(v) for k, v in converted_alphas.items()}
+    return state, alphas
+
+
+def lora_from_single_file(
+    tensors: dict[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    unet_config: Mapping[str, Any] | None = None,
+) -> Adapter:
+    """A LoRA :class:`Adapter` from the tensors and metadata of a diffusers or kohya file."""
+    config = _diffusers_lora_config(metadata)
+    if config is not None:
+        adapter = lora_from_config(tensors, config)
+    else:
+        state, alphas = _to_peft_keys(tensors, unet_config)
+        layers = lora_from_tensors(state, alphas.get)
+        adapter = Adapter(kind=AdapterKind.LORA, layers=layers)
+    adapter.metadata["source_format"] = (
+        "kohya" if any(k.startswith("lora_unet_") for k in tensors) else "diffusers"
+    )
+    validate_structure(adapter)
+    validate_tensors(adapter)
+    return adapter
+
+
+def _diffusers_lora_config(metadata: Mapping[str, str]) -> dict[str, object] | None:
+    """The denoiser's LoraConfig that diffusers stored in the file, if any (keys ``unet.r`` …)."""
+    raw = metadata.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{DIFFUSERS_METADATA_KEY} metadata is not valid JSON: {e}") from e
+    for prefix in ("unet.", "transformer."):
+        config = {k[len(prefix) :]: v for k, v in packed.items() if k.startswith(prefix)}
+        if config:
+            return config
+    return packed if "r" in packed else None
+
+
+def load_lora_file(
+    path: str | os.PathLike[str],
+    limits: ReadLimits = DEFAULT_LIMITS,
+    unet_config: Mapping[str, Any] | None = None,
+) -> Adapter:
+    """Read a diffusers or kohya LoRA ``.safetensors`` file (``unet_config`` maps SGM block names)."""
+    tensors, metadata = read_safetensors(path, limits)
+    return lora_from_single_file(tensors, metadata, unet_config)

@@ -1,0 +1,244 @@
+"""PEFT adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``), read and write.
+
+Read: ``peft_type`` ``DEFT`` (any ``decomposition_method``, ``para``, ``alpha``) and ``LORA`` (``r``,
+``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``). Tensor keys may carry the
+prefixes ``base_model.model.``, ``unet.``, ``transformer.`` or none, and optionally an adapter name
+(``lora_A.default.weight``).
+
+Write: DEFT adapters whose mode PEFT implements (``relu``, ``qr``; PaRa via ``para=True``) with one
+rank and one scale, so the directory loads with ``PeftModel.from_pretrained(denoiser, dir)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from deft_runtime.adapter import Adapter, AdapterKind, Decomposition, LayerParams, parse_decomposition
+from deft_runtime.errors import AdapterFormatError, UnknownTargetModule, UnsafeAdapterFormat
+from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
+from deft_runtime.validation import validate_structure, validate_tensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIXES = ("base_model.model.", "unet.", "transformer.")
+_DEFT_KEY = re.compile(r"^(?P<module>.+)\.deft_(?P<role>[PR])(?:\.[A-Za-z0-9_-]+)?$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+#: PEFT and diffusers prefixes of text-encoder layers (kohya's lora_te1_/lora_te2_ after conversion).
+_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
+PEFT_WRITABLE_MODES = (Decomposition.RELU, Decomposition.QR)
+
+
+def strip_prefix(key: str) -> str:
+    for prefix in KEY_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def _refuse_text_encoder(keys: list[str]) -> None:
+    te = [k for k in keys if k.startswith(_TEXT_ENCODER_PREFIXES)]
+    if te:
+        raise UnknownTargetModule(
+            f"the file has {len(te)} text-encoder tensors (e.g. {te[0]!r}); deft applies adapters to the "
+            "denoiser only. Export the adapter without text-encoder layers."
+        )
+
+
+def _pattern_value(pattern: Mapping[str, object], module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path suffix (or regex)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(value)  # type: ignore[arg-type]
+    return default
+
+
+def lora_from_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    alpha_for: Callable[[str], float | None] = lambda module: None,
+    *,
+    use_rslora: bool = False,
+) -> dict[str, LayerParams]:
+    """LoRA layers from PEFT-style keys ``<module>.lora_A.weight`` / ``lora_B.weight``.
+
+    ``alpha_for(module)`` gives the layer's alpha; with none the scale is 1 (diffusers' convention
+    when a file carries no alphas), else ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
+    """
+    keys = [strip_prefix(k) for k in tensors]
+    _refuse_text_encoder(list(tensors))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for raw_key, key in zip(tensors, keys, strict=True):
+        if "lora_magnitude_vector" in key:
+            raise AdapterFormatError(
+                "DoRA adapters (lora_magnitude_vector) are not low rank; deft cannot serve them"
+            )
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise AdapterFormatError(
+                f"unexpected tensor {raw_key!r} in a LoRA file; expected '<module>.lora_A.weight' and "
+                "'<module>.lora_B.weight' (PEFT/diffusers) or kohya 'lora_unet_…' keys"
+            )
+        parts.setdefault(m["module"], {})[m["role"]] = tensors[raw_key]
+    layers = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(
+                f"LoRA layer {module!r} has only lora_{next(iter(ab))}; both A and B are needed"
+            )
+        r = int(ab["A"].shape[0])
+        alpha = alpha_for(module)
+        scale = 1.0 if alpha is None else alpha / (math.sqrt(r) if use_rslora else r)
+        layers[module] = LayerParams(up=ab["B"], down=ab["A"], scale=scale)
+    return layers
+
+
+def lora_from_config(tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Adapter:
+    if config.get("use_dora"):
+        raise AdapterFormatError("DoRA adapters (use_dora=true) are not low rank; deft cannot serve them")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_default = float(config.get("r", 8))  # type: ignore[arg-type]
+    alpha_default = float(config.get("lora_alpha", r_default))  # type: ignore[arg-type]
+    layers = lora_from_tensors(
+        tensors,
+        lambda module: _pattern_value(alpha_pattern, module, alpha_default),  # type: ignore[arg-type]
+        use_rslora=bool(config.get("use_rslora")),
+    )
+    for module, layer in layers.items():
+        expected = _pattern_value(rank_pattern, module, r_default)  # type: ignore[arg-type]
+        if layer.rank != int(expected):
+            raise AdapterFormatError(
+                f"LoRA layer {module!r} has rank {layer.rank}, the config says {int(expected)}"
+            )
+    return Adapter(kind=AdapterKind.LORA, layers=layers, metadata={"source_format": "peft"})
+
+
+def _deft_from_config(tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Adapter:
+    para = bool(config.get("para", False))
+    alpha = config.get("alpha")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for raw_key, t in tensors.items():
+        m = _DEFT_KEY.match(strip_prefix(raw_key))
+        if m is None:
+            raise AdapterFormatError(
+                f"unexpected tensor {raw_key!r} in a PEFT DEFT adapter (expected deft_P/deft_R)"
+            )
+        parts.setdefault(m["module"], {})[m["role"]] = t
+    layers = {}
+    for module, roles in parts.items():
+        if "P" not in roles or (not para and "R" not in roles):
+            raise AdapterFormatError(f"DEFT layer {module!r} lacks deft_P or deft_R")
+        r = int(roles["P"].shape[1])
+        scale = float(alpha) / r if alpha else 1.0  # type: ignore[arg-type]
+        layers[module] = LayerParams(P=roles["P"], R=None if para else roles["R"], scale=scale)
+    decomposition = parse_decomposition(str(config.get("decomposition_method", "relu")))
+    kind = AdapterKind.PARA if para else AdapterKind.DEFT
+    return Adapter(kind=kind, layers=layers, decomposition=decomposition, metadata={"source_format": "peft"})
+
+
+def load_peft_dir(path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIMITS) -> Adapter:
+    """Read a PEFT adapter directory (DEFT or LoRA)."""
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFormatError(f"{path} has no {CONFIG_NAME}; it is not a PEFT adapter directory")
+    if not weights_path.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise UnsafeAdapterFormat(
+                f"{path} holds adapter_model.bin (pickle); deft never unpickles adapter files. Re-save it with "
+                "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
+            )
+        raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_path} must hold a JSON object")
+    tensors, _ = read_safetensors(weights_path, limits)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "DEFT":
+        adapter = _deft_from_config(tensors, config)
+    elif peft_type == "LORA":
+        adapter = lora_from_config(tensors, config)
+    else:
+        raise AdapterFormatError(
+            f"peft_type {peft_type or 'missing'!r} is not supported; deft reads DEFT and LORA"
+        )
+    validate_structure(adapter)
+    validate_tensors(adapter)
+    return adapter
+
+
+def _peft_alpha(adapter: Adapter) -> tuple[int, float | None]:
+    ranks = set(adapter.ranks.values())
+    scales = {layer.scale for layer in adapter.layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise AdapterFormatError(
+            "PEFT's DEFT config has one rank and one alpha for all layers; this adapter has ranks "
+            f"{sorted(ranks)} and scales {sorted(scales)}. Save it in deft's own format instead."
+        )
+    (r,), (scale,) = ranks, scales
+    return r, None if scale == 1.0 else scale * r
+
+
+def save_peft_dir(
+    adapter: Adapter, path: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write a PEFT DEFT directory (``relu``/``qr`` modes, DEFT or PaRa, no gate), atomically."""
+    if adapter.kind is AdapterKind.LORA or adapter.decomposition not in PEFT_WRITABLE_MODES:
+        mode = adapter.decomposition.value if adapter.decomposition else "lora"
+        raise AdapterFormatError(
+            f"PEFT's DEFT tuner implements the relu and qr modes; this is a {adapter.kind.value}/{mode} adapter. "
+            "Save it in deft's own format instead."
+        )
+    if any(layer.gate is not None for layer in adapter.layers.values()):
+        raise AdapterFormatError("PEFT's DEFT tuner has no gate; save gated adapters in deft's own format")
+    r, alpha = _peft_alpha(adapter)
+    para = adapter.kind is AdapterKind.PARA
+    config = {
+        "peft_type": "DEFT",
+        "r": r,
+        "alpha": alpha,
+        "decomposition_method": adapter.decomposition.value,
+        "para": para,
+        "target_modules": sorted(adapter.layers),
+        "init_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "task_type": None,
+    }
+    tensors = {}
+    for name, layer in adapter.layers.items():
+        tensors[f"base_model.model.{name}.deft_P"] = layer.P
+        if not para:
+            tensors[f"base_model.model.{name}.deft_R"] = layer.R
+    return _write_dir_atomic(Path(path), config, tensors)
+
+
+def _write_dir_atomic(path: Path, config: dict[str, object], tensors: dict[str, torch.Tensor | None]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None},
+            str(tmp / WEIGHTS_NAME),
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,115 @@
+"""Reading adapter tensors safely: safetensors only, size-limited, never unpickled.
+
+A safetensors file is ``[8-byte little-endian header length][JSON header][raw tensor bytes]``. The
+header is checked by hand before the library touches the file, so a hostile or truncated upload fails
+with a precise error instead of a large allocation or an opaque library message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from deft_runtime.errors import AdapterFormatError, AdapterTooLarge, UnsafeAdapterFormat
+
+#: Suffixes of pickle-based checkpoints: refused before a single byte is parsed.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container wraps a pickle
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Upper bounds on what an adapter file may be (configurable by the server)."""
+
+    max_file_bytes: int = 2 * 1024**3
+    max_header_bytes: int = 16 * 1024**2
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise :class:`UnsafeAdapterFormat` for pickle-based files, by suffix or by content."""
+    reason = "pickle can run arbitrary code when loaded, so deft never unpickles adapter files"
+    fix = "convert it once, in a trusted environment, with safetensors.torch.save_file"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeAdapterFormat(
+            f"{path.name}: {path.suffix} files are pickle-based; {reason}. Please {fix}."
+        )
+    with path.open("rb") as f:
+        head = f.read(9)
+    looks_like_safetensors = head[8:9] == b"{"  # 8-byte length, then the JSON header
+    if not looks_like_safetensors and (head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80"):
+        raise UnsafeAdapterFormat(f"{path.name} is a pickle (torch.save) file; {reason}. Please {fix}.")
+
+
+def read_header(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, object]:
+    """Check size limits and parse the JSON header of a safetensors file."""
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise AdapterTooLarge(
+            f"{path.name} is {size} bytes, above the limit of {limits.max_file_bytes} bytes for an adapter file"
+        )
+    if size < 8:
+        raise AdapterFormatError(f"{path.name} is {size} bytes: too short to be a safetensors file")
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > limits.max_header_bytes:
+            raise AdapterTooLarge(
+                f"{path.name}: safetensors header of {header_len} bytes is above the limit of "
+                f"{limits.max_header_bytes} bytes"
+            )
+        if header_len > size - 8:
+            raise AdapterFormatError(
+                f"{path.name}: header claims {header_len} bytes but the file has {size - 8} after its length; "
+                "the file is truncated or not a safetensors file"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{path.name}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path.name}: the safetensors header is not a JSON object")
+    return header
+
+
+def read_safetensors(
+    path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return ``(tensors, metadata)`` of a safetensors file after the safety checks above."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path} does not exist or is not a file")
+    refuse_pickle(path)
+    header = read_header(path, limits)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError(f"{path.name}: __metadata__ must map strings to strings")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {e}") from e
+    return tensors, dict(metadata)
+
+
+def write_safetensors_atomic(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write a safetensors file through a temporary sibling and ``os.replace``: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

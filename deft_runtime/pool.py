@@ -1,0 +1,294 @@
+"""Adapter memory: device pages ◄ host LRU cache ◄ source (registry / compile).
+
+**Device tier.** Every wrapped layer ``l`` owns ``N`` pages of ``A`` rows (``[N, d_in_l]``) and ``B``
+columns (``[N, d_out_l]``); ``N`` follows from the byte budget. An adapter of rank ``r_l`` in layer ``l``
+takes exactly ``r_l`` free pages there (any pages: one page per rank vector, S-LoRA's unified paging),
+so adapters of different ranks share the pool with no padding to a maximum rank and resident bytes
+equal the factor bytes in the serving dtype. A *slot* names a resident adapter in the page tables.
+
+**Host tier.** Compiled factors in the serving dtype (pinned memory on CUDA), LRU under its own byte
+budget, filled from ``source(name) -> CompiledAdapter``.
+
+**Pins.** :meth:`AdapterPool.acquire` pins adapters for an in-flight request (reference counts) and
+starts their host→device copies on a side CUDA stream; :meth:`ready` says whether the copies are done, so
+a batch that does not need them never waits. Only unpinned adapters are evicted (least recently used
+first); a request whose adapters cannot fit gets :class:`~deft_runtime.errors.PoolExhausted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from deft_runtime.compile import CompiledAdapter
+from deft_runtime.errors import AdapterIncompatible, PoolExhausted, UnknownTargetModule
+from deft_runtime.ops import LayerPages
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Budgets fixed at start-up. ``max_slots`` bounds the adapters resident at once."""
+
+    device_bytes: int
+    host_bytes: int
+    max_slots: int = 256
+    max_rank: int = 64
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class PoolStats:
+    """Counters for the metrics layer (read, never reset, by the server)."""
+
+    loads: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
+    evictions: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
+    hits: int = 0
+    misses: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _HostFactors:
+    """One adapter's factors on the host: per layer ``A [r, d_in]`` and ``Bᵀ [r, d_out]``."""
+
+    A: dict[str, torch.Tensor]
+    Bt: dict[str, torch.Tensor]
+    nbytes: int
+
+
+@dataclass
+class _Resident:
+    slot: int
+    pages: dict[str, torch.Tensor]  # layer → int64 page ids (host)
+    nbytes: int
+    pins: int = 0
+    ready: torch.cuda.Event | None = None
+
+
+class AdapterPool:
+    """Device pages and host cache for compiled adapters, shared by every wrapped layer."""
+
+    def __init__(
+        self,
+        layer_shapes: Mapping[str, tuple[int, int]],
+        config: PoolConfig,
+        source: Callable[[str], CompiledAdapter],
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.layer_shapes = dict(layer_shapes)
+        elem = torch.empty((), dtype=config.dtype).element_size()
+        self.page_bytes = sum(d_out + d_in for d_out, d_in in layer_shapes.values()) * elem
+        self.num_pages = config.device_bytes // self.page_bytes if self.page_bytes else 0
+        if self.num_pages < 1:
+            raise ValueError(
+                f"device budget {config.device_bytes} B is below one rank-1 page across all layers ({self.page_bytes} B)"
+            )
+        self.layers = {
+            name: LayerPages.allocate(
+                d_in,
+                d_out,
+                self.num_pages,
+                config.max_slots,
+                config.max_rank,
+                dtype=config.dtype,
+                device=config.device,
+            )
+            for name, (d_out, d_in) in layer_shapes.items()
+        }
+        self._free_pages = {name: list(range(self.num_pages - 1, -1, -1)) for name in layer_shapes}
+        self._free_slots = list(range(config.max_slots - 1, -1, -1))
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
+        self._host: OrderedDict[str, _HostFactors] = OrderedDict()
+        self._host_bytes = 0
+        self._lock = threading.RLock()
+        self._stream = torch.cuda.Stream(device=config.device) if config.device.type == "cuda" else None
+        self.stats = PoolStats()
+
+    # ------------------------------------------------------------------ public API
+
+    def acquire(self, names: Iterable[str]) -> dict[str, int]:
+        """Pin ``names`` for one request and make them resident; returns name → slot.
+
+        All-or-nothing: on :class:`PoolExhausted` no pin is left behind.
+        """
+        acquired: list[str] = []
+        with self._lock:
+            try:
+                for name in dict.fromkeys(names):
+                    self._make_resident(name).pins += 1
+                    acquired.append(name)
+            except BaseException:
+                self.release(acquired)
+                raise
+            return {name: self._resident[name].slot for name in acquired}
+
+    def release(self, names: Iterable[str]) -> None:
+        """Drop one pin from each adapter; unpinned adapters stay cached until space is needed."""
+        with self._lock:
+            for name in dict.fromkeys(names):
+                res = self._resident.get(name)
+                if res is not None and res.pins > 0:
+                    res.pins -= 1
+
+    def ready(self, names: Iterable[str]) -> bool:
+        """Whether the host→device copies of these (acquired) adapters have finished."""
+        with self._lock:
+            for name in names:
+                res = self._resident.get(name)
+                if res is None:
+                    return False
+                if res.ready is not None:
+                    if not res.ready.query():
+                        return False
+                    res.ready = None
+            return True
+
+    def evict(self, name: str) -> None:
+        """Drop ``name`` from both tiers (e.g. deleted from the registry); refuses while it is pinned."""
+        with self._lock:
+            res = self._resident.get(name)
+            if res is not None:
+                if res.pins:
+                    raise PoolExhausted(
+                        f"adapter {name!r} is in use by {res.pins} request(s) and cannot be evicted"
+                    )
+                self._evict_device(name)
+            host = self._host.pop(name, None)
+            if host is not None:
+                self._host_bytes -= host.nbytes
+
+    def slot_of(self, name: str) -> int:
+        return self._resident[name].slot
+
+    def is_resident(self, name: str) -> bool:
+        return name in self._resident
+
+    def pins(self, name: str) -> int:
+        res = self._resident.get(name)
+        return 0 if res is None else res.pins
+
+    @property
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held per tier, for metrics and the memory benchmark."""
+        return {"device": sum(r.nbytes for r in self._resident.values()), "host": self._host_bytes}
+
+    def resident_count(self) -> dict[str, int]:
+        return {"device": len(self._resident), "host": len(self._host)}
+
+    def resident_nbytes(self, name: str) -> int:
+        return self._resident[name].nbytes
+
+    # ------------------------------------------------------------------ tiers
+
+    def _make_resident(self, name: str) -> _Resident:
+        res = self._resident.get(name)
+        if res is not None:
+            self._resident.move_to_end(name)
+            self.stats.hits += 1
+            return res
+        self.stats.misses += 1
+        host = self._host_factors(name)
+        need = {layer: int(a.shape[0]) for layer, a in host.A.items()}
+        self._make_room(name, need)
+        return self._copy_to_device(name, host, need)
+
+    def _host_factors(self, name: str) -> _HostFactors:
+        host = self._host.get(name)
+        if host is not None:
+            self._host.move_to_end(name)
+            return host
+        compiled = self.source(name)
+        host = self._to_host(name, compiled)
+        self._host[name] = host
+        self._host_bytes += host.nbytes
+        self.stats.loads["host"] += 1
+        while self._host_bytes > self.config.host_bytes and len(self._host) > 1:
+            oldest, dropped = next(iter(self._host.items()))
+            if oldest == name:
+                break
+            del self._host[oldest]
+            self._host_bytes -= dropped.nbytes
+            self.stats.evictions["host"] += 1
+        return host
+
+    def _to_host(self, name: str, compiled: CompiledAdapter) -> _HostFactors:
+        pin = self.config.device.type == "cuda"
+        A, Bt = {}, {}
+        for layer, f in compiled.factors.items():
+            if layer not in self.layer_shapes:
+                raise UnknownTargetModule(f"adapter {name!r} targets {layer!r}, which is not a wrapped layer")
+            if (f.B.shape[0], f.A.shape[1]) != self.layer_shapes[layer]:
+                raise AdapterIncompatible(
+                    f"adapter {name!r}: factors of {layer!r} do not fit the wrapped layer"
+                )
+            if f.rank > self.config.max_rank:
+                raise PoolExhausted(
+                    f"adapter {name!r} has rank {f.rank} in {layer!r}, above the pool's max_rank {self.config.max_rank}"
+                )
+            a = f.A.to(self.config.dtype).contiguous()
+            bt = f.B.T.to(self.config.dtype).contiguous()
+            A[layer], Bt[layer] = (a.pin_memory(), bt.pin_memory()) if pin else (a, bt)
+        nbytes = sum(t.numel() * t.element_size() for t in (*A.values(), *Bt.values()))
+        return _HostFactors(A=A, Bt=Bt, nbytes=nbytes)
+
+    def _make_room(self, name: str, need: Mapping[str, int]) -> None:
+        def fits() -> bool:
+            return bool(self._free_slots) and all(
+                len(self._free_pages[layer]) >= r for layer, r in need.items()
+            )
+
+        while not fits():
+            victim = next((n for n, r in self._resident.items() if r.pins == 0), None)
+            if victim is None:
+                pinned = sum(1 for r in self._resident.values() if r.pins)
+                raise PoolExhausted(
+                    f"adapter {name!r} does not fit in the device pool: {pinned} pinned adapter(s) hold the space "
+                    f"({self.num_pages} pages per layer, {self.config.max_slots} slots). Retry when requests finish, "
+                    "or start the server with a larger adapter memory budget."
+                )
+            self._evict_device(victim)
+
+    def _evict_device(self, name: str) -> None:
+        res = self._resident.pop(name)
+        for layer, pages in res.pages.items():
+            lp = self.layers[layer]
+            lp.host_ranks[res.slot] = 0
+            lp.page_index[res.slot] = None
+            lp.ranks[res.slot] = 0
+            self._free_pages[layer].extend(pages.tolist())
+        self._free_slots.append(res.slot)
+        self.stats.evictions["device"] += 1
+
+    def _copy_to_device(self, name: str, host: _HostFactors, need: Mapping[str, int]) -> _Resident:
+        slot = self._free_slots.pop()
+        pages = {
+            layer: torch.tensor([self._free_pages[layer].pop() for _ in range(r)], dtype=torch.int64)
+            for layer, r in need.items()
+        }
+        stream = self._stream
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for layer, ids in pages.items():
+                lp = self.layers[layer]
+                dev_ids = ids.to(lp.A.device, non_blocking=True)
+                lp.A.index_copy_(0, dev_ids, host.A[layer].to(lp.A.device, non_blocking=True))
+                lp.B.index_copy_(0, dev_ids, host.Bt[layer].to(lp.B.device, non_blocking=True))
+                lp.page_table[slot, : ids.numel()] = dev_ids.to(torch.int32)
+                lp.ranks[slot] = ids.numel()
+                lp.page_index[slot] = dev_ids
+                lp.host_ranks[slot] = ids.numel()
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+        res = _Resident(slot=slot, pages=pages, nbytes=host.nbytes, ready=event)
+        self._resident[name] = res
+        self.stats.loads["device"] += 1
+        return res

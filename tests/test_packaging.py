@@ -1,0 +1,46 @@
+"""Packaging: import names, optional extras really optional, every subpackage installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ["grpc", "peft", "triton", "prometheus_client", "pydantic_settings", "accelerate"]
+
+
+def test_core_imports_without_optional_extras():
+    """`import deft_runtime` (and the adapter core) must not touch server/trainer/Triton dependencies."""
+    blocker = "; ".join(f"sys.modules[{name!r}] = None" for name in OPTIONAL)
+    code = (
+        f"import sys; {blocker}; import deft_runtime, deft_runtime.formats, deft_runtime.compile, "
+        "deft_runtime.models, deft_runtime.cli; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_every_python_package_is_listed_in_pyproject():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    dirs = {"deft_runtime": ROOT / "deft_runtime", **{k: ROOT / v for k, v in config["package-dir"].items()}}
+    found = set()
+    for top, directory in dirs.items():
+        for init in directory.rglob("__init__.py"):
+            rel = init.parent.relative_to(directory).parts
+            found.add(".".join((top, *rel)))
+    assert found == listed, f"pyproject packages differ: missing {found - listed}, stale {listed - found}"
+
+
+def test_three_import_names_resolve_to_this_checkout():
+    import deft_client
+    import deft_server
+
+    import deft_runtime
+
+    assert Path(deft_runtime.__file__).is_relative_to(ROOT / "deft_runtime")
+    assert Path(deft_server.__file__).is_relative_to(ROOT / "server")
+    assert Path(deft_client.__file__).is_relative_to(ROOT / "clients" / "python")
