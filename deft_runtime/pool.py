@@ -273,6 +273,10 @@ class AdapterPool:
             for layer, r in need.items()
         }
         stream = self._stream
+        if stream is not None:
+            # pages may have just been freed by an eviction: kernels already queued on the compute
+            # stream must finish reading them before the side stream overwrites them
+            stream.wait_stream(torch.cuda.current_stream(self.config.device))
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for layer, ids in pages.items():

@@ -41,6 +41,7 @@ class MultiAdapterModel:
         max_rows: int = 64,
         max_adapters_per_row: int = 4,
         source: Callable[[str], CompiledAdapter] | None = None,
+        exists: Callable[[str], bool] | None = None,
     ) -> None:
         self.denoiser = denoiser
         found = find_targets(denoiser, targets)
@@ -53,6 +54,7 @@ class MultiAdapterModel:
         self.base_weights = {name: lin.weight for name, lin in found.items()}
         self._all_linears = {name for name, m in denoiser.named_modules() if isinstance(m, nn.Linear)}
         self._compiled: dict[str, CompiledAdapter] = {}
+        self._exists = exists if exists is not None else self._compiled.__contains__
         self.pool = AdapterPool(
             {name: (int(w.shape[0]), int(w.shape[1])) for name, w in self.base_weights.items()},
             pool_config,
@@ -98,6 +100,10 @@ class MultiAdapterModel:
     def unregister(self, name: str) -> None:
         self.pool.evict(name)
         self._compiled.pop(name, None)
+
+    def has_adapter(self, name: str) -> bool:
+        """Whether ``name`` can be served (registered here, or known to the external source)."""
+        return self._exists(name)
 
     def _compiled_source(self, name: str) -> CompiledAdapter:
         try:

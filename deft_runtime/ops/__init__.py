@@ -14,7 +14,8 @@ Every backend computes the same thing for one wrapped layer (pseudo-code, shapes
 
 ``pages.A[p]`` is row ``p`` of the compiled ``A`` (``[r, d_in]``) and ``pages.B[p]`` the matching
 column of ``B`` (``[d_out, r]``), so a rank-r adapter occupies exactly r pages: no padding to a maximum
-rank (S-LoRA's unified paging, one page per rank vector). Accumulation is in float32.
+rank (S-LoRA's unified paging, one page per rank vector). The Triton kernels accumulate in float32; the
+torch backend computes in the serving dtype (its matmuls accumulate in float32 internally).
 
 Backends:
 

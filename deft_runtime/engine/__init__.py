@@ -1,0 +1,30 @@
+"""Generation engine: step-level continuous batching with per-request adapters (see engine.py)."""
+
+from deft_runtime.engine.engine import Engine, EngineConfig, EngineObserver, RequestHandle
+from deft_runtime.engine.types import (
+    DeadlineExceeded,
+    EngineDraining,
+    EventKind,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    RequestCancelled,
+)
+
+__all__ = [
+    "DeadlineExceeded",
+    "Engine",
+    "EngineConfig",
+    "EngineDraining",
+    "EngineObserver",
+    "EventKind",
+    "GenerationEvent",
+    "GenerationFailed",
+    "GenerationRequest",
+    "GenerationResult",
+    "QueueFull",
+    "RequestCancelled",
+    "RequestHandle",
+]

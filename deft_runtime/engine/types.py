@@ -1,0 +1,120 @@
+"""Requests, events and results of the generation engine (no tensors, no torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from deft_runtime.errors import DeftError, InvalidRequest
+
+
+class QueueFull(DeftError):
+    """The engine's admission queue is full (maps to RESOURCE_EXHAUSTED)."""
+
+
+class EngineDraining(DeftError):
+    """The engine is shutting down and accepts no new requests (maps to UNAVAILABLE)."""
+
+
+class RequestCancelled(DeftError):
+    """The request was cancelled by its caller (maps to CANCELLED)."""
+
+
+class DeadlineExceeded(DeftError):
+    """The request's deadline passed before it finished (maps to DEADLINE_EXCEEDED)."""
+
+
+class GenerationFailed(DeftError):
+    """The request failed while running, e.g. its adapter produced NaN/Inf (maps to INVALID_ARGUMENT
+    when the adapter is at fault, INTERNAL otherwise)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One user request. ``None`` fields take the base model's defaults (see ``ModelFamily.defaults``).
+
+    ``adapters`` are ``(name, weight)`` pairs blended into every image of the request (CFG rows
+    included). ``deadline_s`` counts from submission.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    adapters: tuple[tuple[str, float], ...] = ()
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    preview_every_n_steps: int = 0
+    deadline_s: float | None = None
+    request_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Structural checks that need no model (the engine checks sizes against the model)."""
+        if not isinstance(self.prompt, str):
+            raise InvalidRequest("prompt must be a string")
+        if self.num_images < 1:
+            raise InvalidRequest(f"num_images must be ≥ 1, got {self.num_images}")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise InvalidRequest(f"num_inference_steps must be ≥ 1, got {self.num_inference_steps}")
+        if self.guidance_scale is not None and not math.isfinite(self.guidance_scale):
+            raise InvalidRequest("guidance_scale must be a finite number")
+        if self.preview_every_n_steps < 0:
+            raise InvalidRequest("preview_every_n_steps must be ≥ 0")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise InvalidRequest("deadline_s must be > 0")
+        for name, weight in self.adapters:
+            if not math.isfinite(weight):
+                raise InvalidRequest(f"adapter {name!r}: weight must be a finite number, got {weight}")
+        names = [n for n, _ in self.adapters]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("an adapter is listed twice; give each adapter once with its weight")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request with every default filled in (what the engine actually runs)."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+class EventKind(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    PREVIEW = "preview"
+    RESULT = "result"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """What a request's ``on_event`` callback receives, in order: queued, started, progress/preview per
+    step, then exactly one of result or failed."""
+
+    kind: EventKind
+    request_id: str
+    step: int = 0
+    total_steps: int = 0
+    queue_position: int = 0
+    preview: Any = None  # PIL.Image for PREVIEW
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    images: list[Any]  # PIL.Image.Image
+    seed: int
+    queue_seconds: float
+    total_seconds: float
+    steps: int
