@@ -7,6 +7,7 @@ import sys
 
 SUITES = {
     "kernels": "benchmarks.kernels",
+    "engine": "benchmarks.engine",
 }
 
 

@@ -169,7 +169,9 @@ def test_mixed_batch_equals_peft_forward_per_row(tmp_path, arch, backend):
         for n in names:
             reference.register(n, load_adapter(tmp_path / n))
         with reference.rows(rows):
-            torch.testing.assert_close(mixed, forward(reference.denoiser, inputs), atol=ATOL[backend], rtol=1e-4)
+            torch.testing.assert_close(
+                mixed, forward(reference.denoiser, inputs), atol=ATOL[backend], rtol=1e-4
+            )
 
 
 def test_wrapping_targets_attention_projections_only():
@@ -218,3 +220,83 @@ def test_custom_target_patterns_wrap_feed_forward_layers():
     ref = forward(base, inputs)
     assert (out[0] - ref[0]).abs().max() > 1e-3
     torch.testing.assert_close(out[1], ref[1], atol=0, rtol=0)
+
+
+def _sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn(3, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([1, 500, 999]),
+        "encoder_hidden_states": torch.randn(3, 7, 24, generator=g),
+    }
+    return unet, inputs
+
+
+def _sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(3, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([1.0, 500.0, 999.0]),
+        "encoder_hidden_states": torch.randn(3, 5, 16, generator=g),
+        "pooled_projections": torch.randn(3, 12, generator=g),
+    }
+    return model, inputs
+
+
+@pytest.mark.parametrize("build", [_sd15_unet, _sd3_transformer], ids=["sd15-unet", "sd3-transformer"])
+def test_other_diffusers_denoisers_work_by_the_same_mechanism(build):
+    """SD 1.5 UNets and SD3 transformers: same generic wrapping, mixed batch equals merged runs."""
+    base, inputs = build()
+    mam = MultiAdapterModel(
+        copy.deepcopy(base), pool_config=PoolConfig(device_bytes=4 << 20, host_bytes=4 << 20), backend="torch"
+    )
+    assert any(n.endswith("to_q") for n in mam.layers) and any(n.endswith("to_out.0") for n in mam.layers)
+    shapes = {n: tuple(w.shape) for n, w in mam.base_weights.items()}
+    compiled = {
+        "a": mam.register(
+            "a", random_adapter(AdapterKind.DEFT, shapes, rank=2, decomposition=Decomposition.QR, seed=1)
+        ),
+        "b": mam.register("b", random_adapter(AdapterKind.LORA, shapes, rank=2, seed=2)),
+    }
+    rows = [[("a", 1.0)], [], [("b", 1.0)]]
+    with mam.rows(rows):
+        mixed = forward(mam.denoiser, inputs)
+    for i, pairs in enumerate(rows):
+        merged = copy.deepcopy(base)
+        for name, weight in pairs:
+            merge_into(merged, compiled[name], weight=weight)
+        expected = forward(merged, inputs)[i]
+        torch.testing.assert_close(mixed[i], expected, atol=5e-5, rtol=1e-4)
+        if pairs:
+            assert (expected - forward(base, inputs)[i]).abs().max() > 1e-4

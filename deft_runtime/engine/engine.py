@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -48,10 +48,15 @@ from deft_runtime.runtime import MultiAdapterModel
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """``admission="static"`` is the baseline the benchmarks compare against: a batch is formed only when
+    the previous one has completely finished (whole-request batching, what pipelines do)."""
+
     max_batch_rows: int = 16  # rows per denoiser forward (CFG rows count)
     max_active: int = 32  # requests holding latents at once
     max_queue: int = 256  # waiting requests before QueueFull
     idle_wait_s: float = 0.05
+    admission: Literal["continuous", "static"] = "continuous"
+    omnigen_exact_rope: bool = True  # see OmniGenFamily.bucket
 
 
 class EngineObserver(Protocol):
@@ -141,7 +146,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.device = device or model.pool.config.device
         self.dtype = dtype or next(model.denoiser.parameters()).dtype
-        self.family: ModelFamily = family_for(pipe, self.device, self.dtype)
+        self.family: ModelFamily = family_for(
+            pipe, self.device, self.dtype, exact_rope=self.config.omnigen_exact_rope
+        )
         self.observer: EngineObserver = observer or _NullObserver()
         self.previewer = LatentPreviewer(pipe, self.family, self.device)
         self._waiting: queue.SimpleQueue[_Request] = queue.SimpleQueue()
@@ -274,8 +281,12 @@ class Engine:
         return True
 
     def _admit(self) -> None:
-        n = admit_count(self._n_waiting, len(self._active) + len(self._pending), self.config.max_active)
-        admitted = []
+        in_flight = len(self._active) + len(self._pending)
+        if self.config.admission == "static" and in_flight:
+            return  # whole-request batching: wait until the current batch has finished
+        n = admit_count(self._n_waiting, in_flight, self.config.max_active)
+        rows = 0
+        admitted: list[_Request] = []
         for _ in range(n):
             try:
                 r = self._waiting.get_nowait()
@@ -287,6 +298,9 @@ class Engine:
                 self._finish_error(r, RequestCancelled("cancelled while queued"), "cancelled")
                 continue
             admitted.append(r)
+            rows += self._rows_of(r.request)
+            if self.config.admission == "static" and rows >= self.config.max_batch_rows:
+                break
         if not admitted:
             return
         for r in admitted:
@@ -308,6 +322,9 @@ class Engine:
             self.family.start(r.st)
             r.adapters_loading = self._loader.submit(self.model.pool.acquire, r.adapter_names)
             self._pending.append(r)
+
+    def _rows_of(self, request: GenerationRequest) -> int:
+        return request.num_images * (2 if self.family.uses_cfg(request.guidance_scale or 0.0) else 1)
 
     def _promote_loaded(self) -> None:
         still = []

@@ -334,12 +334,14 @@ class OmniGenFamily(ModelFamily):
         return list(self.pipe.image_processor.postprocess(image, output_type="pil"))
 
 
-def family_for(pipe: Any, device: torch.device, dtype: torch.dtype) -> ModelFamily:
+def family_for(
+    pipe: Any, device: torch.device, dtype: torch.dtype, *, exact_rope: bool = True
+) -> ModelFamily:
     from deft_runtime.models import architecture_of
 
     arch = architecture_of(pipe)
     if arch == "sdxl":
         return SDXLFamily(pipe, device, dtype)
     if arch == "omnigen":
-        return OmniGenFamily(pipe, device, dtype)
+        return OmniGenFamily(pipe, device, dtype, exact_rope=exact_rope)
     raise InvalidRequest(f"the engine serves SDXL and OmniGen pipelines, not {arch}")
