@@ -12,6 +12,7 @@ from rich.table import Table
 
 from deft_runtime import __version__
 from deft_runtime.errors import DeftError
+from deft_runtime.train.cli import train_command
 
 app = typer.Typer(
     name="deft",
@@ -76,6 +77,9 @@ def convert(
 def serve() -> None:
     """Start the gRPC server (arrives with the server issue; not available in this version)."""
     raise _fail(RuntimeError("the gRPC server is not part of this version of deft yet"))
+
+
+app.command("train")(train_command)
 
 
 if __name__ == "__main__":

@@ -73,9 +73,13 @@ def compile_layer(adapter: Adapter, layer: LayerParams, W0: torch.Tensor) -> Low
     """Exact ``(B, A)`` of one layer; ``W0: [d_out, d_in]`` is read in float32 and never modified."""
     if adapter.kind is AdapterKind.LORA:
         assert layer.up is not None and layer.down is not None
-        return LowRankFactors(B=layer.up.float(), A=layer.scale * layer.down.float())
+        # clone: `.float()` of a float32 tensor is the tensor itself, and factors must never alias
+        # the adapter's parameters (a trainer updating them in place would change served factors)
+        return LowRankFactors(B=layer.up.float().clone(), A=layer.scale * layer.down.float())
     assert adapter.decomposition is not None and layer.P is not None
     Q, right = project(adapter.decomposition, layer.P, layer.H)
+    if Q.data_ptr() == layer.P.data_ptr():  # plain/relu: Q is P itself
+        Q = Q.clone()
     removal = right.T @ W0.to(device=Q.device, dtype=torch.float32)  # [r, d_in]
     if adapter.kind is AdapterKind.PARA:
         return LowRankFactors(B=Q, A=-removal)

@@ -150,3 +150,20 @@ def test_fingerprint_records_target_shapes():
     compiled = compile_adapter(adapter, weights)
     assert dict(compiled.fingerprint.shapes) == {"a": (8, 4), "b": (4, 8)}
     assert compiled.nbytes == sum(4 * (8 * 2 + 2 * 4) for _ in range(2))
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [
+        (AdapterKind.DEFT, Decomposition.PLAIN),
+        (AdapterKind.DEFT, Decomposition.RELU),
+        (AdapterKind.LORA, None),
+    ],
+)
+def test_compiled_factors_never_alias_adapter_tensors(kind, mode):
+    adapter = random_adapter(kind, {"p": (6, 5)}, rank=2, decomposition=mode)
+    compiled = compile_adapter(adapter, {"p": torch.randn(6, 5)})
+    before = compiled.factors["p"].delta().clone()
+    for t in adapter.layers["p"].tensors().values():
+        t.mul_(3.0)  # a trainer stepping its parameters in place
+    assert torch.equal(compiled.factors["p"].delta(), before)

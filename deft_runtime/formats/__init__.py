@@ -65,11 +65,15 @@ def load_adapter(
 
 
 def save_adapter(
-    adapter: Adapter, path: str | os.PathLike[str], *, format: Literal["deft", "peft"] = "deft"
+    adapter: Adapter,
+    path: str | os.PathLike[str],
+    *,
+    format: Literal["deft", "peft"] = "deft",
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write ``adapter`` in deft's own single-file format or as a PEFT directory."""
     if format == "deft":
         return save_native(adapter, path)
     if format == "peft":
-        return save_peft_dir(adapter, path)
+        return save_peft_dir(adapter, path, base_model_name_or_path=base_model_name_or_path)
     raise ValueError(f"unknown adapter format {format!r}; expected 'deft' or 'peft'")
