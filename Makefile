@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test serve lint typecheck clean
+.PHONY: venv test serve lint typecheck clean protos
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: venv
 
 serve: venv
 	$(VENV)/bin/deft serve --model tiny-sdxl
+
+# Regenerate the gRPC stubs (clients/python/deft_client/proto) from protos/deft/v1/*.proto.
+protos: venv
+	$(PY) protos/generate.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 
 from deft_runtime.engine.engine import Engine, EngineConfig, EngineObserver, RequestHandle
 from deft_runtime.engine.types import (
+    AdapterOutputNotFinite,
     DeadlineExceeded,
     EngineDraining,
     EventKind,
@@ -14,6 +15,7 @@ from deft_runtime.engine.types import (
 )
 
 __all__ = [
+    "AdapterOutputNotFinite",
     "DeadlineExceeded",
     "Engine",
     "EngineConfig",

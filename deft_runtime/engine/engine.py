@@ -32,6 +32,7 @@ from deft_runtime.engine.families import ModelFamily, StepState, family_for
 from deft_runtime.engine.planner import Candidate, admit_count, plan_batch
 from deft_runtime.engine.preview import LatentPreviewer
 from deft_runtime.engine.types import (
+    AdapterOutputNotFinite,
     DeadlineExceeded,
     EngineDraining,
     EventKind,
@@ -95,7 +96,8 @@ class RequestHandle:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        # cancelling the future (e.g. an awaiting asyncio.wrap_future task was cancelled) cancels the request
+        return self._cancel.is_set() or self.future.cancelled()
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         return self.future.result(timeout)
@@ -395,9 +397,10 @@ class Engine:
             r.last_scheduled = self._iteration
             if not bool(torch.isfinite(s.latents).all()):
                 names = ", ".join(r.adapter_names) or "no adapter"
+                failure = AdapterOutputNotFinite if r.adapter_names else GenerationFailed
                 self._finish_error(
                     r,
-                    GenerationFailed(
+                    failure(
                         f"the denoiser produced NaN/Inf for this request ({names}); its adapter is broken"
                     ),
                     "error",
@@ -491,7 +494,8 @@ class Engine:
                 result=result,
             ),
         )
-        r.handle.future.set_result(result)
+        if not r.handle.future.done():  # the caller may have cancelled the future meanwhile
+            r.handle.future.set_result(result)
 
     def _finish_error(self, r: _Request, error: BaseException, status: str) -> None:
         self._release(r)

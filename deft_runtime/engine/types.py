@@ -31,6 +31,11 @@ class GenerationFailed(DeftError):
     when the adapter is at fault, INTERNAL otherwise)."""
 
 
+class AdapterOutputNotFinite(GenerationFailed):
+    """The denoiser produced NaN/Inf for a request that uses adapters: its adapters (or their weights)
+    are at fault, not the server (maps to INVALID_ARGUMENT)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One user request. ``None`` fields take the base model's defaults (see ``ModelFamily.defaults``).

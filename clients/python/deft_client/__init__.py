@@ -1,5 +1,33 @@
-"""deft_client: the Python client for a deft server.
+"""deft_client: the Python client of a deft server.
 
-The client arrives with the server issue; this package exists so the import name is reserved
-and installable from the first commit.
+.. code-block:: python
+
+    from deft_client import DeftClient, DeftError
+
+    with DeftClient("127.0.0.1:50051") as c:              # also: token=..., root_certificates=..., timeout=...
+        c.register_adapter("dog", "path/to/peft_dir")     # PEFT dir, .safetensors LoRA, or *.deft.safetensors
+        images = c.generate("a dog", adapters=[("dog", 1.0)], seed=0, steps=30)
+        for event in c.generate_stream("a dog", adapters=["dog"], preview_every_n_steps=5):
+            print(event)
+
+Every failure raises :class:`DeftError` with ``.code`` (``grpc.StatusCode``) and the server's message.
+:class:`AsyncDeftClient` has the same methods for asyncio.
 """
+
+from deft_client.aio import AsyncDeftClient
+from deft_client.client import DeftClient
+from deft_client.errors import DeftError
+from deft_client.results import AdapterInfo, GenerationEvent, Preview, Progress, Queued, Result, Started
+
+__all__ = [
+    "AdapterInfo",
+    "AsyncDeftClient",
+    "DeftClient",
+    "DeftError",
+    "GenerationEvent",
+    "Preview",
+    "Progress",
+    "Queued",
+    "Result",
+    "Started",
+]

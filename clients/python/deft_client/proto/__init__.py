@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of ``deft.v1`` (``protos/generate.py`` writes them; do not edit)."""

@@ -1,0 +1,123 @@
+"""Building request messages: generation parameters, and adapter uploads streamed in chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from deft_client.proto import adapters_pb2, generation_pb2
+
+CHUNK_BYTES = 256 << 10
+#: ``[("name", 1.0), "other"]`` or ``{"name": 1.0}``: a bare name means weight 1.0.
+Adapters = Sequence[tuple[str, float] | str] | Mapping[str, float]
+
+
+def adapter_refs(adapters: Adapters | None) -> list[generation_pb2.AdapterRef]:
+    if adapters is None:
+        return []
+    pairs = adapters.items() if isinstance(adapters, Mapping) else adapters
+    refs = []
+    for item in pairs:
+        name, weight = (item, 1.0) if isinstance(item, str) else item
+        refs.append(generation_pb2.AdapterRef(name=name, weight=float(weight)))
+    return refs
+
+
+def generate_request(
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    adapters: Adapters | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    guidance_scale: float | None = None,
+    num_images: int | None = None,
+    preview_every_n_steps: int | None = None,
+    request_id: str = "",
+) -> generation_pb2.GenerateRequest:
+    """A ``GenerateRequest``; every None stays unset, so the server uses the base model's default."""
+    return generation_pb2.GenerateRequest(  # a None argument leaves its `optional` field unset
+        request_id=request_id,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        adapters=adapter_refs(adapters),
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        num_images=num_images,
+        preview_every_n_steps=preview_every_n_steps,
+    )
+
+
+def _pack_directory(directory: Path, out: IO[bytes]) -> None:
+    """A PEFT directory as an uncompressed tar of its top-level files (what the server accepts)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{directory} has no files to upload")
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for path in files:
+            archive.add(path, arcname=path.name, recursive=False)
+
+
+@contextmanager
+def upload_source(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], int]]:
+    """An open binary file to upload for ``path`` (a directory is packed into a temporary tar first)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        with tempfile.TemporaryFile() as packed:
+            _pack_directory(path, packed)
+            size = packed.tell()
+            packed.seek(0)
+            yield packed, size
+    else:
+        with path.open("rb") as f:
+            yield f, path.stat().st_size
+
+
+def _upload_format(path: Path) -> adapters_pb2.UploadFormat:
+    if path.is_dir() or path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        return adapters_pb2.UPLOAD_FORMAT_PEFT_TAR
+    if path.suffix == ".safetensors":
+        return adapters_pb2.UPLOAD_FORMAT_SAFETENSORS
+    return adapters_pb2.UPLOAD_FORMAT_UNSPECIFIED  # let the server look at the bytes
+
+
+def check_upload_path(path: str | os.PathLike[str]) -> None:
+    """Raise OSError now (not halfway through a stream) when ``path`` cannot be uploaded."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():
+        with path.open("rb"):
+            pass
+
+
+def upload_chunks(
+    name: str, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Iterator[adapters_pb2.RegisterAdapterChunk]:
+    """The ``RegisterAdapter`` stream for ``path``: a header with size and sha256, then the bytes."""
+    with upload_source(path) as (source, size):
+        digest = hashlib.sha256()
+        while block := source.read(1 << 20):
+            digest.update(block)
+        header = adapters_pb2.AdapterUpload(
+            name=name,
+            format=_upload_format(Path(path)),
+            metadata=dict(metadata or {}),
+            size_bytes=size,
+            sha256=digest.hexdigest(),
+        )
+        yield adapters_pb2.RegisterAdapterChunk(header=header)
+        source.seek(0)
+        while block := source.read(CHUNK_BYTES):
+            yield adapters_pb2.RegisterAdapterChunk(data=block)

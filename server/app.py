@@ -1,0 +1,215 @@
+"""The server process: listen first, load the model, serve, and drain on SIGTERM.
+
+Life cycle (health ``""`` and every deft service report the same status)::
+
+    start ──► listening, NOT_SERVING (calls: UNAVAILABLE "loading") ──► model + registry + engine loaded
+          ──► SERVING ──SIGTERM/SIGINT──► NOT_SERVING, new requests UNAVAILABLE, in-flight requests
+          finish within --grace-period ──► exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from deft_server.auth import TokenAuth
+from deft_server.config import ServerSettings
+from deft_server.loading import ServingRuntime, load_runtime
+from deft_server.metrics import ServerMetrics
+from deft_server.service import AdapterService, GenerationService, ServerState
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from deft_runtime.errors import DeftError
+
+log = logging.getLogger("deft_server")
+T = TypeVar("T")
+SERVICES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+)
+
+
+class StartupError(DeftError):
+    """The server cannot start (port in use, unreadable TLS files, ...)."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def run(settings: ServerSettings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(serve(settings))
+    except StartupError as e:
+        log.error("%s", e)
+        return 2
+
+
+def _options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", int(settings.max_message_size)),
+        ("grpc.max_send_message_length", -1),  # results are as large as the limits above allow
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def build_server(
+    settings: ServerSettings, state: ServerState, metrics: ServerMetrics, health: HealthServicer
+) -> grpc.aio.Server:
+    token = settings.token.get_secret_value() if settings.token else None
+    server = grpc.aio.server(options=_options(settings), interceptors=[TokenAuth(token)] if token else None)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationService(state, metrics, settings.request_limits()), server
+    )
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+        AdapterService(state, int(settings.max_upload_size)), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    _bind(server, settings)
+    return server
+
+
+def _bind(server: grpc.aio.Server, settings: ServerSettings) -> None:
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls_cert and settings.tls_key:
+            pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+            server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+        else:
+            server.add_insecure_port(address)
+    except (OSError, RuntimeError) as e:
+        raise StartupError(f"cannot listen on {address}: {e}") from e
+
+
+async def set_health(health: HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+    for service in ("", *SERVICES):
+        await health.set(service, status)
+
+
+def start_metrics(settings: ServerSettings, metrics: ServerMetrics) -> Callable[[], None]:
+    """Serve /metrics over HTTP; returns its stop function (a no-op when --metrics-port is 0)."""
+    if not settings.metrics_port:
+        return lambda: None
+    try:
+        http, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {e}") from e
+    return http.shutdown
+
+
+def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run ``fn`` on a daemon thread, so a SIGTERM during a long model load does not wait for it."""
+    future: cf.Future[T] = cf.Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=target, name="deft-model-loader", daemon=True).start()
+    return asyncio.wrap_future(future)
+
+
+def stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def load(
+    settings: ServerSettings, metrics: ServerMetrics, stop: asyncio.Event
+) -> ServingRuntime | None:
+    """The loaded runtime, or None when a stop signal came first."""
+    loading = in_daemon_thread(lambda: load_runtime(settings, metrics))
+    stopped = asyncio.ensure_future(stop.wait())
+    either: list[asyncio.Future[Any]] = [loading, stopped]
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not loading.done():
+        loading.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        return None
+    return loading.result()
+
+
+async def serve(settings: ServerSettings) -> int:
+    metrics, state, health = ServerMetrics(), ServerState(), HealthServicer()
+    await set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = build_server(settings, state, metrics, health)
+    await server.start()
+    stop_metrics = start_metrics(settings, metrics)
+    stop = stop_event()
+    log.info(
+        "listening on %s:%d (metrics port %d); loading the model",
+        settings.host,
+        settings.port,
+        settings.metrics_port,
+    )
+    try:
+        runtime = await load(settings, metrics, stop)
+    except Exception as e:
+        log.error("could not start serving: %s", e, exc_info=not isinstance(e, DeftError))
+        await server.stop(grace=None)
+        stop_metrics()
+        return 1
+    if runtime is not None:
+        state.runtime = metrics.live.runtime = runtime
+        await set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d", settings.model, settings.host, settings.port)
+        await stop.wait()
+    await shutdown(server, health, state, settings.grace_period)
+    stop_metrics()
+    return 0
+
+
+async def shutdown(server: grpc.aio.Server, health: HealthServicer, state: ServerState, grace: float) -> None:
+    """Refuse new work, let in-flight requests finish within ``grace`` seconds, then stop."""
+    log.info("shutting down: finishing in-flight requests (grace period %gs)", grace)
+    deadline = time.monotonic() + grace
+    await health.enter_graceful_shutdown()
+    state.draining = True
+    runtime = state.runtime
+    if runtime is not None:
+        finished = await asyncio.to_thread(runtime.engine.drain, grace)
+        if not finished:
+            log.warning("grace period over: cancelling the requests still running")
+    await server.stop(grace=max(1.0, deadline - time.monotonic()))
+    if runtime is not None:
+        runtime.close()
+    log.info("stopped")
+
+
+def main(overrides: dict[str, Any]) -> int:
+    """Entry point of ``deft serve``: ``overrides`` are the flags given (they beat ``DEFT_*`` variables)."""
+    from pydantic import ValidationError
+
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as e:
+        for problem in e.errors():
+            flag = (
+                "--" + "-".join(str(p) for p in problem["loc"]).replace("_", "-")
+                if problem["loc"]
+                else "settings"
+            )
+            print(f"error: {flag}: {problem['msg']}", file=sys.stderr)
+        return 2
+    return run(settings)

@@ -1,0 +1,121 @@
+"""Server configuration, parsed once at start-up.
+
+Every setting is a field of :class:`ServerSettings`; it can be given as a ``deft serve`` flag
+(``--max-queue 64``), as an environment variable with the ``DEFT_`` prefix (``DEFT_MAX_QUEUE=64``),
+or left at its default. Flags override the environment. The frozen settings object is passed down
+explicitly; nothing reads the environment after this.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deft_runtime.engine import EngineConfig
+from deft_runtime.formats import ReadLimits
+
+
+def default_data_dir() -> Path:
+    """The per-user data folder: ``$XDG_DATA_HOME/deft`` (``~/.local/share/deft``) on Linux,
+    ``~/Library/Application Support/deft`` on macOS, ``%LOCALAPPDATA%\\deft`` on Windows."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "deft"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "deft"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "deft"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one generation request may ask for (checked before it reaches the engine)."""
+
+    max_pixels: int
+    max_steps: int
+    max_images: int
+    max_prompt_chars: int
+    max_adapters: int
+    max_adapter_weight: float
+
+
+class ServerSettings(BaseSettings):
+    """All of ``deft serve``'s settings (flag ``--foo-bar`` = field ``foo_bar`` = env ``DEFT_FOO_BAR``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DEFT_", frozen=True, extra="forbid")
+
+    # --- what to serve, where
+    model: str = Field("tiny-sdxl", description="tiny-sdxl | tiny-omnigen | diffusers directory | hub id")
+    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers listen on")
+    port: int = Field(50051, ge=1, le=65535, description="gRPC port")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
+    data_dir: Path = Field(default_factory=default_data_dir, description="registry folder")
+    cache_dir: Path | None = Field(None, description="tiny-model cache (default ~/.cache/deft/models)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    # --- security
+    token: SecretStr | None = Field(None, description="require 'authorization: Bearer TOKEN' on every call")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain (TLS on when given)")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    # --- adapter memory
+    adapter_memory: ByteSize = Field(ByteSize(512 << 20), description="device pool for adapter factors")
+    adapter_host_memory: ByteSize = Field(ByteSize(2 << 30), description="host cache of adapter factors")
+    max_rank: int = Field(64, ge=1, le=1024, description="largest adapter rank accepted")
+    max_resident_adapters: int = Field(64, ge=1, description="adapters on the device at once")
+    # --- scheduling
+    max_batch_rows: int = Field(16, ge=1, description="rows per denoiser forward (CFG rows count)")
+    max_active: int = Field(32, ge=1, description="requests denoising at once")
+    max_queue: int = Field(256, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")
+    grace_period: float = Field(30.0, ge=0, description="seconds in-flight requests get after SIGTERM")
+    # --- request limits
+    max_pixels: int = Field(2048 * 2048, ge=1, description="largest width x height")
+    max_steps: int = Field(150, ge=1)
+    max_images: int = Field(8, ge=1, description="largest num_images")
+    max_prompt_chars: int = Field(4000, ge=1, description="longest prompt and negative prompt")
+    max_adapters_per_request: int = Field(4, ge=1, le=64)
+    max_adapter_weight: float = Field(10.0, gt=0, description="adapter weights must lie in [-W, W]")
+    max_upload_size: ByteSize = Field(ByteSize(1 << 30), description="largest adapter upload")
+    max_message_size: ByteSize = Field(ByteSize(16 << 20), description="largest gRPC message received")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("max_adapter_weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.max_message_size < 1 << 20:
+            raise ValueError("max_message_size must be at least 1MiB (uploads travel in 256KiB chunks)")
+        return self
+
+    # --- derived, typed views handed to the components
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_rows=self.max_batch_rows, max_active=self.max_active, max_queue=self.max_queue
+        )
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_pixels=self.max_pixels,
+            max_steps=self.max_steps,
+            max_images=self.max_images,
+            max_prompt_chars=self.max_prompt_chars,
+            max_adapters=self.max_adapters_per_request,
+            max_adapter_weight=self.max_adapter_weight,
+        )
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_file_bytes=int(self.max_upload_size))

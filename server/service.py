@@ -1,0 +1,232 @@
+"""The ``deft.v1`` servicers on ``grpc.aio``.
+
+Handlers never do model work or blocking I/O on the event loop: generation runs on the engine
+thread (its events are carried into the loop by :class:`EventBridge`), registration, SQLite and PNG
+encoding run on worker threads. Every error leaves through :func:`deft_server.errors.to_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from deft_server.config import RequestLimits
+from deft_server.convert import (
+    UPLOAD_FORMATS,
+    adapter_message,
+    event_message,
+    generation_request,
+    result_message,
+)
+from deft_server.errors import NotReady, UploadTooLarge, status_code_of, to_status
+from deft_server.loading import ServingRuntime
+from deft_server.metrics import ServerMetrics
+from deft_server.uploads import UploadFile, validate_name
+
+from deft_runtime.engine import EventKind, GenerationEvent, RequestHandle
+from deft_runtime.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    """What every handler shares: the runtime once loaded, and whether the server is draining."""
+
+    runtime: ServingRuntime | None = None
+    draining: bool = False
+    registrations: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+
+    def require(self) -> ServingRuntime:
+        if self.draining:
+            raise NotReady(
+                "the server is shutting down and accepts no new requests; retry on another replica"
+            )
+        if self.runtime is None:
+            raise NotReady("the server is still loading its model; retry in a moment")
+        return self.runtime
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
+    await context.abort_with_status(to_status(error))
+    raise AssertionError("unreachable: abort_with_status raises")
+
+
+def mapped_errors(
+    handler: Callable[[Any, Any, Any], Awaitable[T]],
+) -> Callable[[Any, Any, Any], Awaitable[T]]:
+    """Report any exception of a unary-response handler with its mapped status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        try:
+            return await handler(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await abort(context, e)
+
+    return wrapper
+
+
+class EventBridge:
+    """Carries one request's events from the engine thread into the event loop, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+    def __call__(self, event: GenerationEvent) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        """Events up to and including the result; a failure is raised as its typed error."""
+        while True:
+            event = await self._queue.get()
+            if event.kind is EventKind.FAILED:
+                raise event.error or RuntimeError("the request failed without an error")
+            yield event
+            if event.kind is EventKind.RESULT:
+                return
+
+
+class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, state: ServerState, metrics: ServerMetrics, limits: RequestLimits) -> None:
+        self.state = state
+        self.metrics = metrics
+        self.limits = limits
+
+    def _submit(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[RequestHandle, EventBridge]:
+        engine = self.state.require().engine
+        job = generation_request(request, self.limits, engine.family.defaults(), context.time_remaining())
+        bridge = EventBridge(asyncio.get_running_loop())
+        return engine.submit(job, on_event=bridge), bridge
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        start, handle, status = time.monotonic(), None, "ok"
+        try:
+            handle, bridge = self._submit(request, context)
+            async for event in bridge.events():
+                message = await asyncio.to_thread(event_message, event)
+                if message is not None:
+                    yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        except Exception as e:
+            status = status_code_of(e).name.lower()
+            await abort(context, e)
+        finally:
+            self._finish(handle, status, start)
+
+    @mapped_errors
+    async def GenerateOnce(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> generation_pb2.GenerateResponse:
+        start, handle, status = time.monotonic(), None, "ok"
+        try:
+            handle, bridge = self._submit(request, context)
+            async for event in bridge.events():
+                if event.kind is EventKind.RESULT and event.result is not None:
+                    result = await asyncio.to_thread(result_message, event.result)
+                    return generation_pb2.GenerateResponse(request_id=event.request_id, result=result)
+            raise RuntimeError("the engine finished the request without a result")
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as e:
+            status = status_code_of(e).name.lower()
+            raise
+        finally:
+            self._finish(handle, status, start)
+
+    def _finish(self, handle: RequestHandle | None, status: str, start: float) -> None:
+        """Record the RPC's outcome; a request the client abandoned stops at the engine's next step."""
+        if handle is not None and not handle.future.done():
+            handle.cancel()
+        self.metrics.request_finished(status, time.monotonic() - start if handle is not None else None)
+
+
+class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
+    def __init__(self, state: ServerState, max_upload_bytes: int) -> None:
+        self.state = state
+        self.max_upload_bytes = max_upload_bytes
+
+    @mapped_errors
+    async def RegisterAdapter(
+        self, request_iterator: AsyncIterator[adapters_pb2.RegisterAdapterChunk], context: Any
+    ) -> adapters_pb2.Adapter:
+        registry = self.state.require().registry
+        header = await self._header(request_iterator)
+        upload = await asyncio.to_thread(UploadFile, registry.store.tmp, self.max_upload_bytes)
+        try:
+            async for chunk in request_iterator:
+                if chunk.WhichOneof("chunk") != "data":
+                    raise InvalidRequest("only the first RegisterAdapterChunk may carry the header")
+                await asyncio.to_thread(upload.write, chunk.data)
+            received = await asyncio.to_thread(upload.finish)
+            if header.sha256 and header.sha256.lower() != received.sha256:
+                raise InvalidRequest(
+                    f"the upload's sha256 is {received.sha256}, not {header.sha256} as announced; it was "
+                    "corrupted or truncated in transit"
+                )
+            async with self.state.registrations:
+                fmt = UPLOAD_FORMATS.get(header.format)
+                record = await asyncio.to_thread(
+                    registry.register, header.name, received, fmt, dict(header.metadata)
+                )
+        finally:
+            await asyncio.to_thread(upload.discard)
+        return adapter_message(record, *registry.state(record.name))
+
+    async def _header(
+        self, request_iterator: AsyncIterator[adapters_pb2.RegisterAdapterChunk]
+    ) -> adapters_pb2.AdapterUpload:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("chunk") != "header":
+            raise InvalidRequest("the first RegisterAdapterChunk must carry the header (name and format)")
+        header = first.header
+        validate_name(header.name)
+        self.state.require().registry.check_free(header.name)
+        if header.size_bytes > self.max_upload_bytes:
+            raise UploadTooLarge(
+                f"the upload is {header.size_bytes} bytes, above this server's limit of "
+                f"{self.max_upload_bytes} bytes (start the server with a larger --max-upload-size)"
+            )
+        return header
+
+    @mapped_errors
+    async def ListAdapters(
+        self, request: adapters_pb2.ListAdaptersRequest, context: Any
+    ) -> adapters_pb2.ListAdaptersResponse:
+        registry = self.state.require().registry
+        records = await asyncio.to_thread(registry.records)
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[adapter_message(r, *registry.state(r.name)) for r in records]
+        )
+
+    @mapped_errors
+    async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest, context: Any) -> adapters_pb2.Adapter:
+        registry = self.state.require().registry
+        record = await asyncio.to_thread(registry.get, request.name)
+        return adapter_message(record, *registry.state(record.name))
+
+    @mapped_errors
+    async def DeleteAdapter(
+        self, request: adapters_pb2.DeleteAdapterRequest, context: Any
+    ) -> adapters_pb2.DeleteAdapterResponse:
+        registry = self.state.require().registry
+        await asyncio.to_thread(registry.delete, request.name)
+        return adapters_pb2.DeleteAdapterResponse()

@@ -1,0 +1,137 @@
+"""Fixtures for the end-to-end server tests: real ``deft serve`` processes on free loopback ports.
+
+Only ``tests/test_server*.py`` and ``tests/test_client*.py`` use them. Each server gets its own data
+folder; the tiny model is built once per session into a shared temporary cache folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One server process: its address, folders and log, and how to stop it."""
+
+    def __init__(
+        self, data_dir: Path, cache_dir: Path, log_path: Path, args: list[str], launcher: list[str]
+    ) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.data_dir, self.log_path = data_dir, log_path
+        self.address = f"127.0.0.1:{self.port}"
+        command = [
+            *launcher,
+            *("--port", str(self.port), "--metrics-port", str(self.metrics_port)),
+            *("--data-dir", str(data_dir), "--log-level", "INFO", *args),
+        ]
+        env = {**os.environ, "DEFT_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("DEFT_SERVER", None)
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
+
+    def wait_ready(self) -> ServerProcess:
+        from deft_client import DeftClient, DeftError
+
+        end = time.monotonic() + STARTUP_TIMEOUT_S
+        with DeftClient(self.address) as client:
+            while time.monotonic() < end:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                try:
+                    client.wait_ready(timeout=2)
+                    return self
+                except DeftError:
+                    continue
+        raise TimeoutError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def send(self, sig: signal.Signals) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Terminate (then kill) if still running; always leaves the process reaped."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where servers build and find tiny-sdxl (built by the first server, reused by the others)."""
+    return tmp_path_factory.mktemp("deft-model-cache")
+
+
+class ServerFactory:
+    def __init__(self, root: Path, cache_dir: Path) -> None:
+        self.root, self.cache_dir = root, cache_dir
+        self.started: list[ServerProcess] = []
+
+    def start(
+        self,
+        *args: str,
+        data_dir: Path | None = None,
+        via_cli: bool = False,
+        prelude: str | None = None,
+        wait: bool = True,
+    ) -> ServerProcess:
+        """``deft serve`` (``via_cli``) or ``python -m deft_server``; ``prelude`` is Python run first
+        in the server process (e.g. to slow down model loading)."""
+        n = len(self.started)
+        data_dir = data_dir or self.root / f"data-{n}"
+        if prelude is not None:
+            main = f"{prelude}\nimport sys\nfrom deft_runtime.cli import app\napp(['serve', *sys.argv[1:]])"
+            launcher = [sys.executable, "-c", main]
+        elif via_cli:
+            launcher = [shutil.which("deft") or "deft", "serve"]
+        else:
+            launcher = [sys.executable, "-m", "deft_server"]
+        server = ServerProcess(data_dir, self.cache_dir, self.root / f"server-{n}.log", list(args), launcher)
+        self.started.append(server)
+        return server.wait_ready() if wait else server
+
+
+@pytest.fixture(scope="module")
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_cache: Path
+) -> Iterator[ServerFactory]:
+    """Start servers with ``server_factory.start(*flags)``; all are stopped when the module ends."""
+    factory = ServerFactory(tmp_path_factory.mktemp("deft-servers"), tiny_model_cache)
+    yield factory
+    for server in factory.started:
+        server.stop()

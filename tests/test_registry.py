@@ -1,0 +1,241 @@
+"""The adapter registry without gRPC: safe uploads, the SQLite store (schema, atomicity, garbage), and
+compiled-factor caching across restarts and base models."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from deft_server.errors import AdapterExists, UploadTooLarge
+from deft_server.registry import AdapterRegistry, AdapterState, UploadFormat
+from deft_server.store import AdapterRecord, AdapterStore, StoreError
+from deft_server.uploads import UploadFile, extract_archive, is_tar, validate_name
+from peft import DeftConfig, get_peft_model
+
+from deft_runtime.errors import (
+    AdapterFormatError,
+    AdapterIncompatible,
+    AdapterNotFound,
+    InvalidAdapter,
+    InvalidRequest,
+)
+from deft_runtime.formats import ReadLimits
+from deft_runtime.models import build_tiny_omnigen, build_tiny_sdxl
+from deft_runtime.pool import PoolConfig
+from deft_runtime.runtime import MultiAdapterModel
+
+# ---------------------------------------------------------------------------- names and uploads
+
+
+@pytest.mark.parametrize("name", ["dog", "Dog_v2.1", "a-b", "x" * 128, "..a"])
+def test_valid_names(name):
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "../x", "a b", "dög", "x" * 129, "a\n"])
+def test_invalid_names(name):
+    with pytest.raises(InvalidRequest, match="invalid adapter name"):
+        validate_name(name)
+
+
+def test_upload_file_hashes_and_enforces_its_limit(tmp_path):
+    upload = UploadFile(tmp_path, limit=10)
+    upload.write(b"12345")
+    upload.write(b"67890")
+    received = upload.finish()
+    assert received.size == 10 and received.path.read_bytes() == b"1234567890"
+    assert received.sha256 == "c775e7b757ede630cd0aa1113bd102661ab38829ca52a6422ab782862f268646"
+    upload.discard()
+    assert not received.path.exists()
+    upload = UploadFile(tmp_path, limit=10)
+    with pytest.raises(UploadTooLarge, match="limit of 10 bytes"):
+        upload.write(b"x" * 11)
+    upload.discard()
+    assert not any(tmp_path.iterdir())
+
+
+def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as archive:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                archive.addfile(member)
+            else:
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                archive.addfile(info, io.BytesIO(member[1]))
+    return path
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def test_archives_unpack_flat_from_the_top_level_or_one_folder(tmp_path):
+    for i, (name, mode) in enumerate([("a.json", "w"), ("dir/a.json", "w"), ("./a.json", "w:gz")]):
+        archive = _tar(tmp_path / f"{i}.tar", [(name, b"{}"), ("b.safetensors", b"xx")], mode)
+        assert is_tar(archive)
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        extract_archive(archive, out, limit=100)
+        assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.safetensors"]
+    assert not is_tar(_write(tmp_path / "plain", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"))
+
+
+@pytest.mark.parametrize(
+    "members, error, match",
+    [
+        ([("../evil", b"x")], AdapterFormatError, "not a plain file"),
+        ([("/abs/evil", b"x")], AdapterFormatError, "not a plain file"),
+        ([("a/b/c", b"x")], AdapterFormatError, "not a plain file"),
+        ([_link("evil", "/etc/passwd", tarfile.SYMTYPE)], AdapterFormatError, "link or special"),
+        ([("x", b"1"), _link("y", "x", tarfile.LNKTYPE)], AdapterFormatError, "link or special"),
+        ([_link("dev", "", tarfile.CHRTYPE)], AdapterFormatError, "link or special"),
+        ([("a/x", b"1"), ("b/x", b"2")], AdapterFormatError, "twice"),
+        ([(f"f{i}", b"") for i in range(20)], AdapterFormatError, "members"),
+        ([("big", b"x" * 101)], UploadTooLarge, "limit of 100"),
+    ],
+)
+def test_unsafe_archives_are_refused_without_writing_outside(tmp_path, members, error, match):
+    archive = _tar(tmp_path / "a.tar", members)
+    out = tmp_path / "deep" / "out"
+    out.mkdir(parents=True)
+    with pytest.raises(error, match=match):
+        extract_archive(archive, out, limit=100)
+    assert {p.name for p in tmp_path.rglob("*")} <= {"a.tar", "deep", "out", "x", "a"}
+
+
+def test_a_truncated_archive_is_a_format_error(tmp_path):
+    archive = _tar(tmp_path / "a.tar", [("a.json", b"{}" * 1000)])
+    archive.write_bytes(archive.read_bytes()[:700])
+    with pytest.raises(AdapterFormatError, match="not a readable tar"):
+        extract_archive(archive, tmp_path, limit=10_000)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# ---------------------------------------------------------------------------- store
+
+
+def _record(name: str, sha: str = "ab" * 32) -> AdapterRecord:
+    return AdapterRecord(name, sha, "safetensors", "deft", "deft", "qr", (2, 4), 3, 10, 20, {"k": "v"})
+
+
+def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.insert(_record("a"))
+    assert store.get("a") == store.records()[0] and store.get("a").ranks == (2, 4)
+    with pytest.raises(AdapterExists, match="already registered"):
+        store.insert(_record("a"))
+    store.close()
+    db = sqlite3.connect(tmp_path / "registry.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99, written by a newer deft"):
+        AdapterStore(tmp_path)
+
+
+def test_store_start_up_clears_uploads_in_progress_and_unreferenced_blobs(tmp_path):
+    store = AdapterStore(tmp_path)
+    kept = _write(store.tmp / "k", b"kept")
+    store.commit_blob(kept, "cd" * 32)
+    store.insert(_record("a", "cd" * 32))
+    orphan = _write(store.tmp / "o", b"orphan")
+    store.commit_blob(orphan, "ef" * 32)  # a crash before the row was inserted
+    _write(store.tmp / "upload-1.part", b"half")  # a crash mid-upload
+    (store.tmp / "work").mkdir()
+    store.close()
+    store = AdapterStore(tmp_path)
+    assert not any(store.tmp.iterdir())
+    assert store.blob_path("cd" * 32).read_bytes() == b"kept"
+    assert not store.blob_path("ef" * 32).exists()
+    with pytest.raises(AdapterNotFound):
+        store.remove("nope")
+
+
+# ---------------------------------------------------------------------------- registry on a real base
+
+TARGETS = ["to_q", "to_v"]
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = DeftConfig(r=2, target_modules=TARGETS, decomposition_method="qr", init_weights=False)
+    path = tmp_path_factory.mktemp("adapter") / "peft"
+    get_peft_model(copy.deepcopy(build_tiny_sdxl(0).unet), config).save_pretrained(path)
+    return path
+
+
+def _registry(data_dir: Path, denoiser: torch.nn.Module) -> AdapterRegistry:
+    pool = PoolConfig(device_bytes=4 << 20, host_bytes=4 << 20)
+    model = MultiAdapterModel(denoiser, pool_config=pool, backend="torch")
+    return AdapterRegistry(AdapterStore(data_dir), model, read_limits=ReadLimits(), max_rank=8)
+
+
+def _received(tmp: Path, peft_dir: Path):
+    archive = tmp / "upload.tar"
+    with tarfile.open(archive, "w") as tar:
+        for f in peft_dir.iterdir():
+            tar.add(f, arcname=f.name)
+    upload = UploadFile(tmp, limit=1 << 30)
+    upload.write(archive.read_bytes())
+    return upload.finish()
+
+
+def test_registry_caches_compiled_factors_across_restarts_and_bases(tmp_path, peft_dir, caplog):
+    caplog.set_level(logging.INFO, logger="deft_server.registry")
+    registry = _registry(tmp_path / "data", build_tiny_sdxl(0).unet)
+    record = registry.register("dog", _received(tmp_path, peft_dir), None, {"a": "b"})
+    assert (record.upload_format, record.source_format, record.ranks) == ("peft_tar", "peft", (2,))
+    first = registry.load_compiled("dog")
+    registry.store.close()
+    assert caplog.text.count("compiling adapter 'dog'") == 1
+
+    caplog.clear()  # same base: the cached factors are used, nothing is recompiled
+    registry = _registry(tmp_path / "data", build_tiny_sdxl(0).unet)
+    again = registry.load_compiled("dog")
+    assert "compiling" not in caplog.text and "1 from the compiled cache" in caplog.text
+    assert all(torch.equal(first.factors[k].A, again.factors[k].A) for k in first.factors)
+    registry.store.close()
+
+    caplog.clear()  # other weights, same architecture: compiled again for that base
+    registry = _registry(tmp_path / "data", build_tiny_sdxl(1).unet)
+    assert "compiling adapter 'dog'" in caplog.text and registry.state("dog")[0] is AdapterState.READY
+    assert not torch.equal(
+        registry.load_compiled("dog").factors[next(iter(first.factors))].A,
+        next(iter(first.factors.values())).A,
+    )
+    registry.store.close()
+
+    registry = _registry(tmp_path / "data", build_tiny_omnigen(0).transformer)  # another architecture
+    state, reason = registry.state("dog")
+    assert state is AdapterState.INCOMPATIBLE and "no adapter target" in reason
+    with pytest.raises(AdapterIncompatible):
+        registry.load_compiled("dog")
+    assert [r.name for r in registry.records()] == ["dog"]  # kept, just not usable here
+    registry.delete("dog")
+    assert not registry.exists("dog") and not any(registry.store.blobs.glob("*/*"))
+    assert not any(registry.store.compiled.glob("*/*"))
+
+
+def test_a_failed_registration_leaves_nothing(tmp_path, peft_dir):
+    registry = _registry(tmp_path / "data", build_tiny_sdxl(0).unet)
+    upload = UploadFile(tmp_path, limit=1 << 20)
+    upload.write(b"not an adapter at all" * 10)
+    with pytest.raises(InvalidAdapter):  # a "header length" of ~7e18: refused before any allocation
+        registry.register("bad", upload.finish(), UploadFormat.SAFETENSORS, {})
+    assert registry.records() == [] and not any(registry.store.blobs.glob("*/*"))
+    assert not any(registry.store.tmp.iterdir())
