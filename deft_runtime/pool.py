@@ -50,7 +50,6 @@ class PoolStats:
     evictions: dict[str, int] = field(default_factory=lambda: {"host": 0, "device": 0})
     hits: int = 0
     misses: int = 0
-    load_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass

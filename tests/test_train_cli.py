@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.cli import app
 from deft_runtime.formats import load_adapter
-from deft_runtime.train.cli import REGISTER_UNAVAILABLE
 
 runner = CliRunner()
 
@@ -128,7 +127,8 @@ BAD_INPUTS = [
     (["--concept", "nodelimiter"], "--concept expects DIR=PROMPT"),
     (["--init", "zeros"], "--init must be one of identity, random"),
     (["--resume", "{tmp}/nowhere"], "not a checkpoint directory"),
-    (["--register", "dog", "--server", "localhost:50051"], REGISTER_UNAVAILABLE),
+    (["--register", "bad/name", "--server", "127.0.0.1:9"], "names use letters, digits"),
+    (["--register", "dog", "--server", "127.0.0.1:9"], "cannot reach the deft server at 127.0.0.1:9"),
 ]
 
 

@@ -61,15 +61,15 @@ def read_header(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, ob
         raise AdapterFormatError(f"{path.name} is {size} bytes: too short to be a safetensors file")
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:  # checked first: garbage bytes are "not safetensors", not "too large"
+            raise AdapterFormatError(
+                f"{path.name}: header claims {header_len} bytes but the file has {size - 8} after its length; "
+                "the file is truncated or not a safetensors file"
+            )
         if header_len > limits.max_header_bytes:
             raise AdapterTooLarge(
                 f"{path.name}: safetensors header of {header_len} bytes is above the limit of "
                 f"{limits.max_header_bytes} bytes"
-            )
-        if header_len > size - 8:
-            raise AdapterFormatError(
-                f"{path.name}: header claims {header_len} bytes but the file has {size - 8} after its length; "
-                "the file is truncated or not a safetensors file"
             )
         raw = f.read(header_len)
     try:

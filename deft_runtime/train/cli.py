@@ -15,7 +15,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from deft_runtime.train.config import PriorPreservation, TrainConfig, Validation
 
-REGISTER_UNAVAILABLE = "registering needs the deft server (not available in this version)"
+DEFAULT_SERVER = "127.0.0.1:50051"
 
 _DATA = "Data"
 _ADAPTER = "Adapter"
@@ -209,11 +209,17 @@ def train_command(
     register: Annotated[
         str | None,
         typer.Option(
-            help="register the result under NAME on --server (needs the server)", rich_help_panel=_RUN
+            help="after training, upload the adapter to --server under NAME (train-then-register)",
+            rich_help_panel=_RUN,
         ),
     ] = None,
     server: Annotated[
-        str | None, typer.Option(help="HOST:PORT of a running deft server", rich_help_panel=_RUN)
+        str | None,
+        typer.Option(
+            envvar="DEFT_SERVER",
+            help=f"HOST:PORT of a running deft server (default {DEFAULT_SERVER})",
+            rich_help_panel=_RUN,
+        ),
     ] = None,
 ) -> None:
     """Fine-tune a DEFT / PaRa / LoRA adapter on a few images of a concept (DreamBooth-style).
@@ -222,19 +228,63 @@ def train_command(
 
     Writes OUT/adapter.deft.safetensors (always), OUT/peft/ (deft relu/qr and para qr without a gate: loads with PeftModel.from_pretrained), OUT/training.json and OUT/train_log.jsonl. Checkpoints, the live log and validation samples go to the run directory (OUT.run); a crashed run never leaves OUT behind.
     """
-    if register is not None or server is not None:
-        raise _fail(REGISTER_UNAVAILABLE)
     options = dict(locals())
     from deft_runtime.errors import DeftError
 
     try:
         config = build_config(options)
+        if register is not None:
+            _check_server(register, server or DEFAULT_SERVER)  # fail before hours of training, not after
         from deft_runtime.train.loop import train
 
         result = train(config, progress=progress)
     except DeftError as e:
         raise _fail(e) from e
-    Console(soft_wrap=True).print(f"wrote {result.out} ({', '.join(str(f) for f in result.files)})")
+    console = Console(soft_wrap=True)
+    console.print(f"wrote {result.out} ({', '.join(str(f) for f in result.files)})")
+    if register is not None:
+        info = _register(register, server or DEFAULT_SERVER, result.out / "adapter.deft.safetensors")
+        console.print(
+            f"registered {info.name!r} on {server or DEFAULT_SERVER}: {info.kind}, sha256 {info.sha256[:12]}"
+        )
+
+
+def _client(server: str) -> Any:
+    try:
+        from deft_client import DeftClient
+    except ImportError as e:
+        raise _fail("--register needs the client: pip install 'deft[server]'") from e
+    return DeftClient(server)
+
+
+def _check_server(name: str, server: str) -> None:
+    """The name is valid and the server answers (and does not hold the name yet)."""
+    import re
+
+    from deft_client import DeftError as ClientError
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", name) or name in (".", ".."):
+        raise _fail(f"--register {name!r}: names use letters, digits, '.', '_' and '-' (at most 128)")
+    with _client(server) as client:
+        try:
+            client.wait_ready(timeout=3)
+            existing = {a.name for a in client.list_adapters()}
+        except ClientError as e:
+            raise _fail(f"cannot reach the deft server at {server}: {e}") from e
+    if name in existing:
+        raise _fail(
+            f"the server at {server} already has an adapter named {name!r}; delete it or pick another name"
+        )
+
+
+def _register(name: str, server: str, path: Path) -> Any:
+    from deft_client import DeftError as ClientError
+
+    with _client(server) as client:
+        try:
+            return client.register_adapter(name, path, metadata={"source": "deft train"})
+        except ClientError as e:
+            raise _fail(f"training succeeded ({path}) but registering it failed: {e}") from e
 
 
 def build_config(o: dict[str, Any]) -> TrainConfig:
