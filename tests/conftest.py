@@ -7,7 +7,6 @@ folder; the tiny model is built once per session into a shared temporary cache f
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 180
+
+
+#: the console script of the interpreter running the tests (its bin/ need not be on PATH, as in CI)
+DEFT_EXECUTABLE = Path(sys.executable).parent / "deft"
 
 
 def free_port() -> int:
@@ -118,7 +121,7 @@ class ServerFactory:
             main = f"{prelude}\nimport sys\nfrom deft_runtime.cli import app\napp(['serve', *sys.argv[1:]])"
             launcher = [sys.executable, "-c", main]
         elif via_cli:
-            launcher = [shutil.which("deft") or "deft", "serve"]
+            launcher = [str(DEFT_EXECUTABLE), "serve"]
         else:
             launcher = [sys.executable, "-m", "deft_server"]
         server = ServerProcess(data_dir, self.cache_dir, self.root / f"server-{n}.log", list(args), launcher)

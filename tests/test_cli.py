@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -50,6 +50,6 @@ def test_errors_exit_non_zero_with_the_reason(tmp_path):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("deft") or str(__import__("pathlib").Path(sys.executable).parent / "deft")
+    exe = str(Path(sys.executable).parent / "deft")  # the venv's console script; bin/ may not be on PATH
     out = subprocess.run([exe, "version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == __import__("deft_runtime").__version__
