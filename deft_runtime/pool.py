@@ -285,7 +285,7 @@ class AdapterPool:
                 lp.B.index_copy_(0, dev_ids, host.Bt[layer].to(lp.B.device, non_blocking=True))
                 lp.page_table[slot, : ids.numel()] = dev_ids.to(torch.int32)
                 lp.ranks[slot] = ids.numel()
-                lp.page_index[slot] = dev_ids
+                lp.page_index[slot] = _as_slice(ids) or dev_ids
                 lp.host_ranks[slot] = ids.numel()
             event = None
             if stream is not None:
@@ -295,3 +295,13 @@ class AdapterPool:
         self._resident[name] = res
         self.stats.loads["device"] += 1
         return res
+
+
+def _as_slice(ids: torch.Tensor) -> slice | None:
+    """``slice(a, b)`` when ``ids`` is exactly ``a, a+1, …, b-1`` (then pages are read as a view)."""
+    if ids.numel() == 0:
+        return None
+    start = int(ids[0])
+    if torch.equal(ids, torch.arange(start, start + ids.numel(), dtype=ids.dtype)):
+        return slice(start, start + ids.numel())
+    return None

@@ -248,3 +248,21 @@ def test_rank_above_pool_max_rank_is_refused():
     )
     with pytest.raises(PoolExhausted, match="rank 3 in 'to_q', above the pool's max_rank 2"):
         pool.acquire(["x"])
+
+
+def test_fragmented_pages_use_gathers_and_contiguous_pages_use_views():
+    _, mam = make(budget_pages=10, max_slots=8)
+    compiled = {
+        n: mam.register(n, random_adapter(AdapterKind.LORA, SHAPES, rank=r, seed=i))
+        for i, (n, r) in enumerate([("a", 2), ("b", 2), ("c", 3)])
+    }
+    mam.pool.acquire(["a", "b"])
+    layer = mam.pool.layers["to_q"]
+    assert isinstance(layer.page_index[mam.pool.slot_of("a")], slice)  # fresh pool: contiguous pages
+    mam.pool.release(["a"])
+    mam.pool.evict("a")
+    mam.pool.acquire(["c"])  # reuses a's two freed pages plus a fresh one: not contiguous
+    assert isinstance(layer.page_index[mam.pool.slot_of("c")], torch.Tensor)
+    rows = [[("c", 1.0)], [("b", 0.5)], [("c", 0.3), ("b", 0.7)]]
+    out, x, ctx = run(mam, rows)
+    torch.testing.assert_close(out, dense_reference(mam, compiled, rows, x, ctx), atol=2e-5, rtol=1e-4)

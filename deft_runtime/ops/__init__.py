@@ -44,8 +44,9 @@ class LayerPages:
     - ``A``: ``[num_pages, d_in]``, ``B``: ``[num_pages, d_out]`` (serving dtype, on the device)
     - ``page_table``: int32 ``[max_slots, max_rank]``; row ``s`` lists slot ``s``'s pages
     - ``ranks``: int32 ``[max_slots]``; 0 where the slot's adapter does not target this layer
-    - ``host_ranks`` / ``page_index``: host-side mirrors (python ints, int64 device index tensors) so
-      the torch backend never synchronises with the device to learn a rank
+    - ``host_ranks`` / ``page_index``: host-side mirrors so the torch backend never synchronises with the
+      device to learn a rank; ``page_index[s]`` is a ``slice`` when the slot's pages are contiguous (the
+      usual case: ``A[slice]`` is a view, no gather) and an int64 index tensor otherwise
     """
 
     A: torch.Tensor
@@ -53,7 +54,7 @@ class LayerPages:
     page_table: torch.Tensor
     ranks: torch.Tensor
     host_ranks: list[int] = field(default_factory=list)
-    page_index: list[torch.Tensor | None] = field(default_factory=list)
+    page_index: list[torch.Tensor | slice | None] = field(default_factory=list)
 
     @classmethod
     def allocate(

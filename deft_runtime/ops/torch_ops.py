@@ -57,12 +57,16 @@ def segmented_add_adapters(
         r = A.shape[0]
         for run in seg.runs:
             v = torch.matmul(x[run.start : run.stop], A.T)  # [n, T, r]
-            v = v * (run.weight.to(v.dtype) if isinstance(run.weight, torch.Tensor) else run.weight)
+            alpha = 1.0
+            if isinstance(run.weight, torch.Tensor):  # rows of the run blend with different weights
+                v = v * run.weight.to(v.dtype)
+            else:
+                alpha = run.weight  # folded into addmm_: one op fewer per run
             target = y[run.start : run.stop]
             if target.is_contiguous():
-                target.view(-1, d_out).addmm_(v.reshape(-1, r), B)
+                target.view(-1, d_out).addmm_(v.reshape(-1, r), B, alpha=alpha)
             else:
-                target.add_(torch.matmul(v, B))
+                target.add_(torch.matmul(v, B), alpha=alpha)
     return y
 
 
