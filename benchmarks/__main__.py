@@ -8,6 +8,11 @@ import sys
 SUITES = {
     "kernels": "benchmarks.kernels",
     "engine": "benchmarks.engine",
+    "loadgen": "benchmarks.loadgen",
+    "adapters-scale": "benchmarks.adapters_scale",
+    "mixed-vs-base": "benchmarks.mixed_vs_base",
+    "cold-load": "benchmarks.cold_load",
+    "memory": "benchmarks.memory",
 }
 
 

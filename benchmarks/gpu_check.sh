@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU check: on one H100/H200, in a few minutes, run the GPU-marked tests and the kernel
-# benchmark with the Triton backend in bf16, and put every result in one folder.
+# The prepared GPU check, for one H100/H200: the GPU-marked tests, the kernel benchmark with the Triton
+# backend in bf16, and the sdxl preset of adapters-scale; every step is capped (about 11 minutes at
+# worst, the first two steps under 5) and every result lands in one folder.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default: benchmarks/results/gpu-<date>)
 #
@@ -20,11 +21,13 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cu
 PY
 
 status=0
-timeout 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 | tee "$OUT/gpu-tests.log" || status=1
-timeout 150 "$PY" -m benchmarks kernels --preset gpu --backend triton --dtype bfloat16 --repeats 10 \
+timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 | tee "$OUT/gpu-tests.log" || status=1
+timeout 60 "$PY" -m benchmarks kernels --preset gpu --backend triton --dtype bfloat16 --repeats 10 \
     --out kernels-gpu-triton-bfloat16 2>&1 | tee "$OUT/kernels.log" || status=1
-timeout 90 "$PY" -m benchmarks kernels --preset gpu --backend torch --dtype bfloat16 --repeats 10 \
+timeout 60 "$PY" -m benchmarks kernels --preset gpu --backend torch --dtype bfloat16 --repeats 10 \
     --out kernels-gpu-torch-bfloat16 2>&1 | tee "$OUT/kernels-torch.log" || status=1
+timeout 420 "$PY" -m benchmarks adapters-scale --preset sdxl --popularity uniform --counts 1 100 \
+    2>&1 | tee "$OUT/adapters-scale-sdxl.log" || status=1
 cp benchmarks/results/kernels-gpu-*.json benchmarks/results/kernels-gpu-*.md "$OUT"/ 2>/dev/null
 echo "results in $OUT (status $status)"
 exit $status
