@@ -22,7 +22,7 @@ PY
 
 status=0
 timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" tests 2>&1 | tee "$OUT/gpu-tests.log" || status=1
-timeout 60 "$PY" -m benchmarks kernels --preset gpu --backend triton --dtype bfloat16 --repeats 10 \
+timeout 90 "$PY" -m benchmarks kernels --preset gpu --backend triton --dtype bfloat16 --repeats 10 \
     --out kernels-gpu-triton-bfloat16 2>&1 | tee "$OUT/kernels.log" || status=1
 timeout 60 "$PY" -m benchmarks kernels --preset gpu --backend torch --dtype bfloat16 --repeats 10 \
     --out kernels-gpu-torch-bfloat16 2>&1 | tee "$OUT/kernels-torch.log" || status=1
