@@ -92,7 +92,6 @@ class AdapterBatch:
         self._host_weights = torch.zeros((max_rows, self.K), dtype=torch.float32)
         self.num_rows = 0
         self.segments: list[Segment] = []
-        self.active_slots: frozenset[int] = frozenset()
 
     def set(self, rows: Sequence[RowAdapters]) -> None:
         """Describe the next forward: ``rows[i]`` lists row ``i``'s ``(slot, weight)`` pairs."""
@@ -117,7 +116,6 @@ class AdapterBatch:
             Segment(slot=slot, runs=tuple(self._run(*run) for run in plan_runs(r, w)))
             for slot, r, w in plan_segments(rows)
         ]
-        self.active_slots = frozenset(s.slot for s in self.segments)
 
     def _run(self, start: int, stop: int, weights: list[float]) -> Run:
         if all(w == weights[0] for w in weights):

@@ -258,7 +258,6 @@ class AdapterPool:
         res = self._resident.pop(name)
         for layer, pages in res.pages.items():
             lp = self.layers[layer]
-            lp.host_ranks[res.slot] = 0
             lp.page_index[res.slot] = None
             lp.ranks[res.slot] = 0
             self._free_pages[layer].extend(pages.tolist())
@@ -286,7 +285,6 @@ class AdapterPool:
                 lp.page_table[slot, : ids.numel()] = dev_ids.to(torch.int32)
                 lp.ranks[slot] = ids.numel()
                 lp.page_index[slot] = _as_slice(ids) or dev_ids
-                lp.host_ranks[slot] = ids.numel()
             event = None
             if stream is not None:
                 event = torch.cuda.Event()

@@ -78,7 +78,7 @@ def build_pool(
         B = (torch.randn(d_out, r, generator=g) / r**0.5).to(dtype)
         pages.A[ids], pages.B[ids] = A, B.T
         pages.page_table[s, :r] = ids.to(torch.int32)
-        pages.ranks[s], pages.host_ranks[s], pages.page_index[s] = r, r, ids
+        pages.ranks[s], pages.page_index[s] = r, ids
         factors[s] = (A.double(), B.double())
     return Pool(pages=pages_to(pages, device), factors=factors)
 
@@ -87,7 +87,7 @@ def pages_to(pages: LayerPages, device: torch.device) -> LayerPages:
     index = [None if p is None else p.to(device) for p in pages.page_index]
     return LayerPages(
         pages.A.to(device), pages.B.to(device), pages.page_table.to(device), pages.ranks.to(device),
-        list(pages.host_ranks), index,
+        index,
     )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -117,7 +117,6 @@ class _Request:
     adapters_loading: cf.Future[Any] | None = None
     adapters_pinned: bool = False
     bucket: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def st(self) -> StepState:

@@ -9,6 +9,7 @@ pipeline lays them out (SDXL: ``[uncond × n, cond × n]``; OmniGen: ``[cond × 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -214,8 +215,18 @@ class SDXLFamily(ModelFamily):
         }
 
     def step_kwargs(self, state: StepState) -> dict[str, Any]:
-        # the request's own generator (ancestral/SDE schedulers draw noise from it), eta=0 as the pipeline
-        return dict(self.pipe.prepare_extra_step_kwargs(state.generator, 0.0))
+        # as the pipeline's prepare_extra_step_kwargs: eta=0 and the request's own generator (ancestral /
+        # SDE schedulers draw noise from it), each only if scheduler.step takes it; the signature is
+        # inspected once, not on every step
+        accepts = self._step_parameters
+        extra: dict[str, Any] = {"eta": 0.0} if "eta" in accepts else {}
+        if "generator" in accepts:
+            extra["generator"] = state.generator
+        return extra
+
+    @functools.cached_property
+    def _step_parameters(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.pipe.scheduler.step).parameters)
 
     def guide(self, state: StepState, prediction: torch.Tensor) -> torch.Tensor:
         if not self.uses_cfg(state.guidance_scale):

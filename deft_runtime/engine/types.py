@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -56,7 +56,6 @@ class GenerationRequest:
     preview_every_n_steps: int = 0
     deadline_s: float | None = None
     request_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Structural checks that need no model (the engine checks sizes against the model)."""
@@ -78,17 +77,6 @@ class GenerationRequest:
         names = [n for n, _ in self.adapters]
         if len(set(names)) != len(names):
             raise InvalidRequest("an adapter is listed twice; give each adapter once with its weight")
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A request with every default filled in (what the engine actually runs)."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seed: int
 
 
 class EventKind(StrEnum):

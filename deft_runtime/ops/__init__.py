@@ -44,8 +44,8 @@ class LayerPages:
     - ``A``: ``[num_pages, d_in]``, ``B``: ``[num_pages, d_out]`` (serving dtype, on the device)
     - ``page_table``: int32 ``[max_slots, max_rank]``; row ``s`` lists slot ``s``'s pages
     - ``ranks``: int32 ``[max_slots]``; 0 where the slot's adapter does not target this layer
-    - ``host_ranks`` / ``page_index``: host-side mirrors so the torch backend never synchronises with the
-      device to learn a rank; ``page_index[s]`` is a ``slice`` when the slot's pages are contiguous (the
+    - ``page_index``: host-side mirror so the torch backend never synchronises with the device to learn
+      a slot's pages; ``page_index[s]`` is a ``slice`` when the slot's pages are contiguous (the
       usual case: ``A[slice]`` is a view, no gather) and an int64 index tensor otherwise
     """
 
@@ -53,7 +53,6 @@ class LayerPages:
     B: torch.Tensor
     page_table: torch.Tensor
     ranks: torch.Tensor
-    host_ranks: list[int] = field(default_factory=list)
     page_index: list[torch.Tensor | slice | None] = field(default_factory=list)
 
     @classmethod
@@ -73,7 +72,6 @@ class LayerPages:
             B=torch.zeros(num_pages, d_out, dtype=dtype, device=device),
             page_table=torch.zeros(max_slots, max_rank, dtype=torch.int32, device=device),
             ranks=torch.zeros(max_slots, dtype=torch.int32, device=device),
-            host_ranks=[0] * max_slots,
             page_index=[None] * max_slots,
         )
 
