@@ -13,6 +13,7 @@ SUITES = {
     "mixed-vs-base": "benchmarks.mixed_vs_base",
     "cold-load": "benchmarks.cold_load",
     "memory": "benchmarks.memory",
+    "registry": "benchmarks.registry",
 }
 
 

@@ -81,6 +81,114 @@ def convert(
 
 app.command("train")(train_command)
 
+
+@app.command("export-onnx")
+def export_onnx_command(
+    model: Annotated[str, typer.Option(help="tiny-sdxl | tiny-omnigen | diffusers DIR | hub id")],
+    out: Annotated[
+        Path, typer.Option(help="output folder (created; files of an earlier export are replaced)")
+    ],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME_OR_PATH or NAME_OR_PATH:WEIGHT, merged into the denoiser (repeatable). A path "
+            "(PEFT dir, deft or LoRA .safetensors) if it exists, else a name in the registry"
+        ),
+    ] = None,
+    text_encoders: Annotated[
+        bool, typer.Option("--text-encoders", help="also export both CLIP text encoders (SDXL)")
+    ] = False,
+    vae_decoder: Annotated[bool, typer.Option("--vae-decoder", help="also export the VAE decoder")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 17 to 20")] = 17,
+    validate: Annotated[
+        bool,
+        typer.Option(help="compare onnxruntime with torch at batch sizes 1 and 3; fail beyond tolerance"),
+    ] = True,
+    tolerance: Annotated[
+        float, typer.Option(help="pass if max|onnx - torch| <= TOLERANCE * max(1, max|torch|)")
+    ] = 1e-4,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="DEFT_DATA_DIR", help="registry folder for adapter names [~/.local/share/deft]"),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DEFT_REGISTRY", help="shared registry URL for adapter names [SQLite in --data-dir]"
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(envvar="DEFT_CACHE_DIR", help="tiny-model cache [~/.cache/deft/models]")
+    ] = None,
+) -> None:
+    """Export the denoiser with adapters merged into its weights to ONNX, with a manifest.json.
+
+    Float32, CPU. Batch, latent height/width and text length are dynamic axes (height/width must be
+    multiples of the UNet's up-sampling factor: see the manifest). Every file is checked with
+    onnxruntime against torch unless --no-validate; a file beyond --tolerance exits 1.
+
+    Example: deft export-onnx --model tiny-sdxl --adapter ./dog-peft --adapter style:0.5 --out onnx/
+    """
+    from deft_runtime.onnx_export import MIN_OPSET, export_onnx
+
+    if opset < MIN_OPSET:
+        raise typer.BadParameter(
+            f"opset {opset} is below {MIN_OPSET}, the lowest supported", param_hint="--opset"
+        )
+    with err_console.status("exporting") as status:
+
+        def progress(message: str) -> None:
+            status.update(escape(message))
+            err_console.print(f"[dim]·[/] {escape(message)}")
+
+        try:
+            result = export_onnx(
+                model,
+                out,
+                adapters=adapter or [],
+                text_encoders=text_encoders,
+                vae_decoder=vae_decoder,
+                opset=opset,
+                validate=validate,
+                tolerance=tolerance,
+                data_dir=data_dir,
+                registry=registry,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+        except DeftError as e:
+            raise _fail(e) from e
+    manifest = result.manifest
+    for entry in manifest["adapters"]:
+        console.print(
+            f"merged [bold]{escape(entry['source'])}[/] x{entry['weight']:g}: {entry['kind']}, "
+            f"{entry['layers']} layers, sha256 {entry['sha256'][:12]}"
+        )
+
+    def shapes(rows: list[dict[str, Any]]) -> str:
+        return "\n".join(f"{r['name']} {r['shape']}" for r in rows)
+
+    table = Table("file", "inputs", "outputs", "max abs error")
+    for entry in manifest["files"].values():
+        error = entry.get("validation", {}).get("max_abs_error")
+        table.add_row(
+            escape(entry["path"]),
+            escape(shapes(entry["inputs"])),
+            escape(shapes(entry["outputs"])),
+            "not checked" if error is None else f"{error:.2e}",
+        )
+    console.print(table)
+    check = manifest["validation"]
+    summary = (
+        f"validated with onnxruntime at batch sizes {check['batch_sizes']}: max abs error "
+        f"{check['max_abs_error']:.2e} (tolerance {check['tolerance']:g} x max(1, |output|))"
+        if check
+        else "not validated (--no-validate)"
+    )
+    console.print(f"opset {manifest['opset']}, {summary}")
+    console.print(f"wrote {escape(str(result.manifest_path))}")
+
+
 # ---------------------------------------------------------------------------- server and clients
 # Help texts name the environment variable of each flag; defaults live in deft_server.config.
 
@@ -101,6 +209,10 @@ def serve(
     ] = None,
     data_dir: Annotated[
         Path | None, _opt("adapter registry folder [DEFT_DATA_DIR; ~/.local/share/deft]")
+    ] = None,
+    registry: Annotated[
+        str | None,
+        _opt("shared registry: postgresql://USER:PASS@HOST/DB [DEFT_REGISTRY; SQLite in --data-dir]"),
     ] = None,
     cache_dir: Annotated[Path | None, _opt("tiny-model cache [DEFT_CACHE_DIR; ~/.cache/deft/models]")] = None,
     device: Annotated[str | None, _opt("auto | cpu | cuda | cuda:N [DEFT_DEVICE; auto]")] = None,

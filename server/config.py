@@ -55,7 +55,13 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the gRPC and metrics servers listen on")
     port: int = Field(50051, ge=1, le=65535, description="gRPC port")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
-    data_dir: Path = Field(default_factory=default_data_dir, description="registry folder")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="registry folder (SQLite index, blobs, compiled cache)"
+    )
+    registry: str | None = Field(
+        None,
+        description="shared registry URL (postgresql://user:pass@host/db); default: SQLite under data_dir",
+    )
     cache_dir: Path | None = Field(None, description="tiny-model cache (default ~/.cache/deft/models)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -90,6 +96,18 @@ class ServerSettings(BaseSettings):
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "must be a postgresql://USER:PASSWORD@HOST:PORT/DB URL (leave it out for SQLite in --data-dir)"
+            )
         return value
 
     @model_validator(mode="after")

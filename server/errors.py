@@ -52,6 +52,10 @@ class UploadTooLarge(DeftError):
     """The upload (or an archive member) is above the server's size limit (RESOURCE_EXHAUSTED)."""
 
 
+class RegistryUnavailable(DeftError):
+    """The shared registry's database cannot be reached right now (UNAVAILABLE; retry)."""
+
+
 class NotReady(DeftError):
     """The server is still loading its model, or is shutting down (UNAVAILABLE)."""
 
@@ -70,6 +74,7 @@ STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PoolExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineDraining, grpc.StatusCode.UNAVAILABLE),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestCancelled, grpc.StatusCode.CANCELLED),
     (GenerationFailed, grpc.StatusCode.INTERNAL),

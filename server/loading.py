@@ -10,7 +10,7 @@ import torch
 from deft_server.config import ServerSettings
 from deft_server.metrics import ServerMetrics
 from deft_server.registry import AdapterRegistry
-from deft_server.store import AdapterStore
+from deft_server.store import AdapterStore, open_store
 
 from deft_runtime.compile import CompiledAdapter
 from deft_runtime.engine import Engine
@@ -81,7 +81,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_runtime(settings: ServerSettings, metrics: ServerMetrics) -> ServingRuntime:
-    """Load the model, open the registry (compiling adapters not yet compiled for this base), start the engine."""
+    """Open the registry, load the model, compile adapters not yet compiled for this base, start the engine.
+
+    The registry is opened first, so an unreachable database fails the start in seconds, not after a
+    model load of minutes.
+    """
+    store = open_store(settings.data_dir, settings.registry)
+    log.info("adapter registry: %s", store.location)
+    try:
+        return _load(settings, metrics, store)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _load(settings: ServerSettings, metrics: ServerMetrics, store: AdapterStore) -> ServingRuntime:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     log.info("loading model %r on %s (%s)", settings.model, device, str(dtype).removeprefix("torch."))
@@ -106,7 +120,7 @@ def load_runtime(settings: ServerSettings, metrics: ServerMetrics) -> ServingRun
     )
     unet = getattr(pipe, "unet", None)
     link.registry = AdapterRegistry(
-        AdapterStore(settings.data_dir),
+        store,
         model,
         read_limits=settings.read_limits(),
         max_rank=settings.max_rank,

@@ -3,8 +3,14 @@
 Registration (blocking; the service runs it on a worker thread)::
 
     received upload ─► read (safetensors file, or PEFT tar unpacked safely) ─► model.compile (validates
-    against the loaded base: shapes, targets, ranks, NaN, fingerprint) ─► blob + compiled factors on
-    disk ─► one SQLite transaction makes the adapter visible
+    against the loaded base: shapes, targets, ranks, NaN, fingerprint) ─► compiled factors cached
+    locally ─► one transaction of the store makes the adapter visible (with its bytes)
+
+The index lives in an :class:`~deft_server.store.AdapterStore`: SQLite in ``--data-dir``, or
+PostgreSQL shared by every replica (``--registry``). The registry never trusts a memory of the index:
+whether a name exists is asked of the store at each request, so an adapter registered or deleted by
+another replica is seen at once. What it remembers is which bytes each name had when this process last
+used it, so a name deleted or re-registered elsewhere is evicted from the local pool.
 
 The compiled factors are cached per (upload sha256, base digest), where the base digest hashes the
 wrapped base weights themselves, so a restart on the same base reuses them and a restart on another
@@ -26,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deft_server.errors import AdapterExists, AdapterInUse
-from deft_server.store import AdapterRecord, AdapterStore
+from deft_server.errors import AdapterInUse
+from deft_server.store import AdapterRecord, AdapterStore, exists_error
 from deft_server.uploads import ReceivedFile, extract_archive, is_tar, validate_name
 
 from deft_runtime.adapter import Adapter
@@ -82,16 +88,24 @@ class AdapterRegistry:
         self.unet_config = unet_config
         self.on_load = on_load
         self.base_digest = base_digest(model.base_weights)
-        self._lock = threading.Lock()  # serializes commits and deletions
-        self._names: set[str] = set()
-        self._incompatible: dict[str, str] = {}
+        self._lock = threading.Lock()  # serializes commits, deletions and the memo below
+        self._seen: dict[str, str] = {}  # name → sha256 this process last served under that name
+        self._incompatible: dict[str, tuple[str, str]] = {}  # name → (sha256, why it does not fit)
         self._prepare()
 
     def _prepare(self) -> None:
-        """Make sure every registered adapter has compiled factors for this base (compile the missing)."""
+        """Make sure every registered adapter has compiled factors for this base (compile the missing).
+
+        A shared store (PostgreSQL) is not prepared eagerly: a new replica would otherwise fetch and
+        compile every adapter of the fleet before serving. There, factors are compiled on first use
+        and an adapter that does not fit this base fails the request that asked for it.
+        """
+        records = self.store.records()
+        if self.store.shared:
+            log.info("registry %s: %d adapters (compiled on first use)", self.store.location, len(records))
+            return
         cached = compiled = 0
-        for record in self.store.records():
-            self._names.add(record.name)
+        for record in records:
             if self.store.compiled_path(record.sha256, self.base_digest).is_file():
                 cached += 1
                 continue
@@ -99,12 +113,12 @@ class AdapterRegistry:
                 self.store.save_compiled(record.sha256, self.base_digest, self._compile_blob(record))
                 compiled += 1
             except (InvalidAdapter, AdapterIncompatible) as e:
-                self._incompatible[record.name] = str(e)
+                self._incompatible[record.name] = (record.sha256, str(e))
                 log.warning("adapter %r does not fit the served base model: %s", record.name, e)
         log.info(
             "registry %s: %d adapters (%d from the compiled cache, %d compiled, %d incompatible)",
-            self.store.root,
-            len(self._names),
+            self.store.location,
+            len(records),
             cached,
             compiled,
             len(self._incompatible),
@@ -113,17 +127,45 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ the model's view
 
     def exists(self, name: str) -> bool:
-        return name in self._names
+        """Whether ``name`` is registered now (asked of the store: another replica may have changed it)."""
+        record = self.store.find(name)
+        self._observe(name, record)
+        return record is not None
+
+    def _observe(self, name: str, record: AdapterRecord | None) -> None:
+        """Drop local copies of ``name`` when the store now has other bytes (or none) under it."""
+        sha = record.sha256 if record is not None else None
+        with self._lock:
+            before = self._seen.get(name)
+            if sha is None:
+                self._seen.pop(name, None)
+            else:
+                self._seen[name] = sha
+            incompatible = self._incompatible.get(name)
+            if incompatible is not None and incompatible[0] != sha:
+                del self._incompatible[name]
+        if before is not None and before != sha:
+            try:
+                self.model.pool.evict(name)
+                log.info("adapter %r changed in the registry; evicted the local copy", name)
+            except PoolExhausted:
+                log.warning("adapter %r changed in the registry while requests use it; evicting later", name)
 
     def load_compiled(self, name: str) -> CompiledAdapter:
-        """The pool's source: compiled factors from the on-disk cache (called on the engine's loader thread)."""
+        """The pool's source: compiled factors from the local cache (called on the engine's loader thread)."""
         start = time.perf_counter()
         record = self.store.get(name)
+        self._observe(name, record)
         if name in self._incompatible:
-            raise AdapterIncompatible(f"adapter {name!r}: {self._incompatible[name]}")
+            raise AdapterIncompatible(f"adapter {name!r}: {self._incompatible[name][1]}")
         compiled = self.store.load_compiled(record.sha256, self.base_digest)
-        if compiled is None:  # the cache file went missing: rebuild it
-            compiled = self._compile_blob(record)
+        if compiled is None:  # not compiled for this base yet (or the cache file went missing)
+            try:
+                compiled = self._compile_blob(record)
+            except (InvalidAdapter, AdapterIncompatible) as e:
+                with self._lock:
+                    self._incompatible[name] = (record.sha256, str(e))
+                raise AdapterIncompatible(f"adapter {name!r}: {e}") from e
             self.store.save_compiled(record.sha256, self.base_digest, compiled)
         self.on_load(time.perf_counter() - start)
         return compiled
@@ -153,27 +195,16 @@ class AdapterRegistry:
             compiled_bytes=compiled.nbytes,
             metadata=dict(metadata),
         )
-        self._commit(record, upload, compiled)
+        with self._lock:
+            self.store.save_compiled(record.sha256, self.base_digest, compiled)
+            self.store.commit(record, upload.path)
+        self._observe(name, record)
         log.info("registered adapter %r: %s", name, adapter.describe())
         return record
 
     def check_free(self, name: str) -> None:
-        if name in self._names:
-            raise AdapterExists(
-                f"an adapter named {name!r} is already registered; delete it first or pick another name"
-            )
-
-    def _commit(self, record: AdapterRecord, upload: ReceivedFile, compiled: CompiledAdapter) -> None:
-        with self._lock:
-            self.check_free(record.name)
-            self.store.commit_blob(upload.path, record.sha256)
-            self.store.save_compiled(record.sha256, self.base_digest, compiled)
-            try:
-                self.store.insert(record)
-            except AdapterExists:
-                self.store.discard_unreferenced(record.sha256)
-                raise
-            self._names.add(record.name)
+        if self.store.find(name) is not None:
+            raise exists_error(name)
 
     def _read(self, path: Path, fmt: UploadFormat, work: Path) -> Adapter:
         if fmt is UploadFormat.PEFT_TAR:
@@ -200,29 +231,28 @@ class AdapterRegistry:
         return self.store.records()
 
     def __len__(self) -> int:
-        return len(self._names)
+        return self.store.count()
 
     def state(self, name: str) -> tuple[AdapterState, str]:
         if name in self._incompatible:
-            return AdapterState.INCOMPATIBLE, self._incompatible[name]
+            return AdapterState.INCOMPATIBLE, self._incompatible[name][1]
         if self.model.pool.is_resident(name):
             return AdapterState.RESIDENT, ""
         return AdapterState.READY, ""
 
     def delete(self, name: str) -> None:
-        """Unregister ``name``: new requests stop seeing it at once; refused while requests run with it."""
+        """Unregister ``name``: refused while requests on this replica run with it. Other replicas stop
+        serving it at their next request for it."""
         with self._lock:
-            record = self.store.get(name)
-            self._names.discard(name)
+            self.store.get(name)
             try:
                 self.model.pool.evict(name)
             except PoolExhausted as e:
-                self._names.add(name)
                 raise AdapterInUse(
                     f"adapter {name!r} is in use by running requests; delete it once they have finished"
                 ) from e
             self.store.remove(name)
-            self.store.discard_unreferenced(record.sha256)
+            self._seen.pop(name, None)
             self._incompatible.pop(name, None)
         log.info("deleted adapter %r", name)
 

@@ -104,20 +104,27 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self.metrics = metrics
         self.limits = limits
 
-    def _submit(
+    async def _submit(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[RequestHandle, EventBridge]:
         engine = self.state.require().engine
         job = generation_request(request, self.limits, engine.family.defaults(), context.time_remaining())
         bridge = EventBridge(asyncio.get_running_loop())
-        return engine.submit(job, on_event=bridge), bridge
+        # on a worker thread: admission asks the registry whether the adapters exist (a database
+        # round trip with a shared registry), which must not stall every other stream on this loop
+        submitted = asyncio.ensure_future(asyncio.to_thread(engine.submit, job, on_event=bridge))
+        try:
+            return await asyncio.shield(submitted), bridge
+        except asyncio.CancelledError:  # the client left while the request was being admitted
+            submitted.add_done_callback(_cancel_admitted)
+            raise
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
         start, handle, status = time.monotonic(), None, "ok"
         try:
-            handle, bridge = self._submit(request, context)
+            handle, bridge = await self._submit(request, context)
             async for event in bridge.events():
                 message = await asyncio.to_thread(event_message, event)
                 if message is not None:
@@ -137,7 +144,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     ) -> generation_pb2.GenerateResponse:
         start, handle, status = time.monotonic(), None, "ok"
         try:
-            handle, bridge = self._submit(request, context)
+            handle, bridge = await self._submit(request, context)
             async for event in bridge.events():
                 if event.kind is EventKind.RESULT and event.result is not None:
                     result = await asyncio.to_thread(result_message, event.result)
@@ -157,6 +164,11 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if handle is not None and not handle.future.done():
             handle.cancel()
         self.metrics.request_finished(status, time.monotonic() - start if handle is not None else None)
+
+
+def _cancel_admitted(submitted: asyncio.Future[RequestHandle]) -> None:
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancel()
 
 
 class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):

@@ -1,32 +1,45 @@
-"""On-disk state of the adapter registry: a SQLite index, content-addressed blobs, compiled factors.
+"""Where the adapter registry keeps its state: an index of adapters, their uploaded bytes, compiled factors.
 
-Layout under ``--data-dir``::
+Two backends share one interface, :class:`AdapterStore`:
 
-    registry.sqlite3                          the index (one row per registered adapter)
-    blobs/sha256/ab/abcdef…                    uploaded bytes, named by their sha256
-    compiled/<base digest>/<sha256>.safetensors  compiled factors (B, A) per layer, float32
-    tmp/                                      uploads in progress (emptied at start-up)
+- :class:`SQLiteStore` (the default): everything under ``--data-dir``, for one machine. Several
+  processes on that machine may share the folder (WAL mode, per-process temporary folders).
+- :class:`~deft_server.store_postgres.PostgresStore` (``--registry postgresql://…``): the index *and*
+  the uploaded bytes in PostgreSQL, shared by every replica; ``--data-dir`` then holds only this
+  replica's caches. ``deploy/README.md`` argues the choice against an object store.
 
-**Atomicity.** A blob is written to ``tmp/`` and moved into place with one ``os.replace``; the row
-that names it is inserted in one SQLite transaction afterwards. A crash (even ``kill -9``) at any
-point leaves either no row (the adapter was never registered; the stray blob is collected at the next
-start) or a complete adapter. Compiled factors are a cache: a missing file is simply recompiled.
+Local layout under ``--data-dir``::
 
-**Schema versioning.** ``PRAGMA user_version`` holds the schema version; :data:`MIGRATIONS` upgrade
-older files in order, and a file from a newer deft is refused rather than misread.
+    registry.sqlite3                            the SQLite index (SQLite backend only)
+    blobs/sha256/ab/abcdef…                      uploaded bytes by sha256 (SQLite: the blobs themselves;
+                                                 PostgreSQL: a cache, filled on first use)
+    compiled/<base digest>/<sha256>.safetensors  compiled factors (B, A) per layer, float32 (a cache)
+    tmp/<pid>-<token>/                          this process's uploads in progress
+
+**Atomicity.** :meth:`AdapterStore.commit` makes an adapter visible in one transaction, after (SQLite)
+or together with (PostgreSQL) its bytes. A crash at any point leaves either no row (never registered;
+stray bytes are collected later) or a complete adapter. Compiled factors are a cache: a missing file is
+recompiled.
+
+**Schema versioning.** Each backend records its schema version and applies migrations in order; a
+registry written by a newer deft is refused rather than misread.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
-import sqlite3
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from deft_server.errors import AdapterExists
@@ -35,6 +48,12 @@ from deft_runtime.adapter import AdapterKind, BaseFingerprint
 from deft_runtime.compile import CompiledAdapter, LowRankFactors
 from deft_runtime.errors import AdapterFormatError, AdapterNotFound, DeftError
 from deft_runtime.formats.safetensors_io import read_safetensors, write_safetensors_atomic
+
+if TYPE_CHECKING:
+    from deft_runtime.adapter import Adapter
+    from deft_runtime.formats import ReadLimits
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MIGRATIONS: dict[int, str] = {
@@ -56,15 +75,18 @@ MIGRATIONS: dict[int, str] = {
     );
     """,
 }
-_COMPILED_FORMAT = "deft.compiled"
-_COLUMNS = (
+COLUMNS = (
     "name, sha256, upload_format, source_format, kind, decomposition, ranks, target_count, "
     "size_bytes, compiled_bytes, metadata, created_at"
 )
+_COMPILED_FORMAT = "deft.compiled"
+#: bytes nobody references are kept this long before garbage collection, so a blob that another
+#: process has just put in place (its row not yet committed) is never collected under it
+ORPHAN_GRACE_S = 3600.0
 
 
 class StoreError(DeftError):
-    """The data directory cannot be used (written by a newer deft, unreadable, ...)."""
+    """The registry cannot be used (written by a newer deft, unreachable database, bad URL, ...)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,7 @@ class AdapterRecord:
         )
 
     @classmethod
-    def from_row(cls, row: tuple[object, ...]) -> AdapterRecord:
+    def from_row(cls, row: tuple[Any, ...]) -> AdapterRecord:
         name, sha, upload, source, kind, decomposition, ranks, targets, size, compiled, meta, created = row
         return cls(
             name=str(name),
@@ -111,98 +133,92 @@ class AdapterRecord:
             kind=str(kind),
             decomposition=str(decomposition),
             ranks=tuple(int(r) for r in json.loads(str(ranks))),
-            target_count=int(targets),  # type: ignore[call-overload]
-            size_bytes=int(size),  # type: ignore[call-overload]
-            compiled_bytes=int(compiled),  # type: ignore[call-overload]
+            target_count=int(targets),
+            size_bytes=int(size),
+            compiled_bytes=int(compiled),
             metadata={str(k): str(v) for k, v in json.loads(str(meta)).items()},
-            created_at=float(created),  # type: ignore[arg-type]
+            created_at=float(created),
         )
 
 
-class AdapterStore:
-    """The registry's files and index. Thread-safe; every method does blocking I/O."""
+def exists_error(name: str) -> AdapterExists:
+    return AdapterExists(
+        f"an adapter named {name!r} is already registered; delete it first or pick another name"
+    )
 
-    def __init__(self, data_dir: Path) -> None:
-        self.root = data_dir.expanduser()
+
+def not_found(name: str) -> AdapterNotFound:
+    return AdapterNotFound(f"no adapter named {name!r} is registered")
+
+
+class AdapterStore(ABC):
+    """The registry's index and bytes (backend-specific) plus this process's local caches (shared code).
+
+    Thread-safe; every method does blocking I/O. ``root`` is the local folder (``--data-dir``).
+    """
+
+    #: whether other processes may change the index at any time (then nothing is assumed from startup)
+    shared: bool = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser()
         self.blobs = self.root / "blobs" / "sha256"
         self.compiled = self.root / "compiled"
-        self.tmp = self.root / "tmp"
-        for folder in (self.blobs, self.compiled, self.tmp):
+        tmp_root = self.root / "tmp"
+        for folder in (self.blobs, self.compiled, tmp_root):
             folder.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
-        self._clear_tmp()
-        self.collect_garbage()
+        _clear_abandoned_tmp(tmp_root)
+        self.tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
 
-    # ------------------------------------------------------------------ schema
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the index lives, for logs and messages (never with a password)."""
 
-    def _migrate(self) -> None:
-        with self._lock:
-            (version,) = self._db.execute("PRAGMA user_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.root} holds a registry of schema version {version}, written by a newer deft "
-                    f"(this one reads up to {SCHEMA_VERSION}); upgrade deft or use another --data-dir"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                with self._db:
-                    self._db.executescript(MIGRATIONS[target])
-                    self._db.execute(f"PRAGMA user_version = {target}")
+    # ------------------------------------------------------------------ index (backend)
 
-    def _clear_tmp(self) -> None:
-        """Uploads that were in progress when a previous process died were never registered."""
-        for leftover in self.tmp.iterdir():
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-
-    # ------------------------------------------------------------------ index
-
+    @abstractmethod
     def records(self) -> list[AdapterRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY name").fetchall()
-        return [AdapterRecord.from_row(r) for r in rows]
+        """Every registered adapter, by name."""
 
-    def get(self, name: str) -> AdapterRecord:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise AdapterNotFound(f"no adapter named {name!r} is registered")
-        return AdapterRecord.from_row(row)
+    @abstractmethod
+    def find(self, name: str) -> AdapterRecord | None:
+        """The adapter registered as ``name`` now, or None."""
 
-    def insert(self, record: AdapterRecord) -> None:
-        """Commit ``record`` (its blob must already be in place); one transaction."""
-        placeholders = ", ".join("?" * len(record.row()))
-        try:
-            with self._lock, self._db:
-                self._db.execute(f"INSERT INTO adapters ({_COLUMNS}) VALUES ({placeholders})", record.row())
-        except sqlite3.IntegrityError as e:
-            raise AdapterExists(
-                f"an adapter named {record.name!r} is already registered; delete it first or pick another name"
-            ) from e
+    @abstractmethod
+    def count(self) -> int: ...
 
+    @abstractmethod
+    def commit(self, record: AdapterRecord, received: Path) -> None:
+        """Store the bytes at ``received`` (sha256 ``record.sha256``) and make ``record`` visible,
+        atomically; raises :class:`AdapterExists` (storing nothing) when the name is taken."""
+
+    @abstractmethod
     def remove(self, name: str) -> AdapterRecord:
-        record = self.get(name)
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
-        return record
+        """Unregister ``name`` and drop its bytes unless another name shares them."""
+
+    @abstractmethod
+    def blob_path(self, sha256: str) -> Path:
+        """A local file holding the uploaded bytes ``sha256`` (fetched into the cache if needed)."""
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
-    # ------------------------------------------------------------------ blobs
+    # ------------------------------------------------------------------ shared helpers
 
-    def blob_path(self, sha256: str) -> Path:
+    def get(self, name: str) -> AdapterRecord:
+        record = self.find(name)
+        if record is None:
+            raise not_found(name)
+        return record
+
+    def local_blob_path(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / sha256
 
-    def commit_blob(self, received: Path, sha256: str) -> Path:
-        """Move a received upload into its content-addressed place (a no-op if already there)."""
-        target = self.blob_path(sha256)
+    def _place_blob(self, received: Path, sha256: str) -> Path:
+        """Move ``received`` into its content-addressed local place (a no-op if already there)."""
+        target = self.local_blob_path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             received.unlink(missing_ok=True)
@@ -211,27 +227,27 @@ class AdapterStore:
             _fsync_dir(target.parent)
         return target
 
-    def discard_unreferenced(self, sha256: str) -> None:
-        """Delete the blob and compiled files of ``sha256`` unless a row still names them."""
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
-        if row is not None:
-            return
-        self.blob_path(sha256).unlink(missing_ok=True)
+    def drop_local(self, sha256: str) -> None:
+        """Forget this process's cached bytes and compiled factors of ``sha256``."""
+        self.local_blob_path(sha256).unlink(missing_ok=True)
         for compiled in self.compiled.glob(f"*/{sha256}.safetensors"):
             compiled.unlink(missing_ok=True)
 
     def collect_garbage(self) -> None:
-        """Delete blobs and compiled files no row names (left by a crash or a deletion)."""
+        """Delete local bytes and compiled files that no registered adapter names (after a grace
+        period, so files another process is about to commit are left alone)."""
         wanted = {r.sha256 for r in self.records()}
-        for blob in self.blobs.glob("*/*"):
-            if blob.name not in wanted:
-                blob.unlink(missing_ok=True)
-        for compiled in self.compiled.glob("*/*.safetensors"):
-            if compiled.name.removesuffix(".safetensors") not in wanted:
-                compiled.unlink(missing_ok=True)
+        cutoff = time.time() - ORPHAN_GRACE_S
+        for path in [*self.blobs.glob("*/*"), *self.compiled.glob("*/*.safetensors")]:
+            if path.name.removesuffix(".safetensors") in wanted:
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
 
-    # ------------------------------------------------------------------ compiled factors
+    # ------------------------------------------------------------------ compiled factors (local cache)
 
     def compiled_path(self, sha256: str, base_digest: str) -> Path:
         return self.compiled / base_digest / f"{sha256}.safetensors"
@@ -268,6 +284,165 @@ class AdapterStore:
             factors=factors,
             fingerprint=fingerprint,  # type: ignore[arg-type]
         )
+
+
+class SQLiteStore(AdapterStore):
+    """The default backend: a SQLite index and the blobs in ``--data-dir``, on one machine."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        import sqlite3
+
+        self._sqlite = sqlite3
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
+        self.collect_garbage()
+
+    @property
+    def location(self) -> str:
+        return str(self.root / "registry.sqlite3")
+
+    def _migrate(self) -> None:
+        with self._lock:
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.root} holds a registry of schema version {version}, written by a newer deft "
+                    f"(this one reads up to {SCHEMA_VERSION}); upgrade deft or use another --data-dir"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                with self._db:
+                    self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]}")
+                    self._db.execute(f"PRAGMA user_version = {target}")
+
+    def records(self) -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM adapters ORDER BY name").fetchall()
+        return [AdapterRecord.from_row(r) for r in rows]
+
+    def find(self, name: str) -> AdapterRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
+        return None if row is None else AdapterRecord.from_row(row)
+
+    def count(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT count(*) FROM adapters").fetchone()
+        return int(n)
+
+    def commit(self, record: AdapterRecord, received: Path) -> None:
+        if self.find(record.name) is not None:
+            raise exists_error(record.name)
+        self._place_blob(received, record.sha256)
+        placeholders = ", ".join("?" * len(record.row()))
+        try:
+            with self._lock, self._db:
+                self._db.execute(f"INSERT INTO adapters ({COLUMNS}) VALUES ({placeholders})", record.row())
+        except self._sqlite.IntegrityError as e:
+            self._discard_unreferenced(record.sha256)
+            raise exists_error(record.name) from e
+
+    def remove(self, name: str) -> AdapterRecord:
+        record = self.get(name)
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+        self._discard_unreferenced(record.sha256)
+        return record
+
+    def _discard_unreferenced(self, sha256: str) -> None:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
+        if row is None:
+            self.drop_local(sha256)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.local_blob_path(sha256)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        super().close()
+
+
+def open_store(data_dir: Path, registry: str | None = None) -> AdapterStore:
+    """The store ``deft serve --data-dir DIR [--registry URL]`` uses."""
+    if registry is None or registry == "":
+        return SQLiteStore(data_dir)
+    scheme = registry.split("://", 1)[0].lower() if "://" in registry else ""
+    if scheme in ("postgresql", "postgres"):
+        from deft_server.store_postgres import PostgresStore
+
+        return PostgresStore(registry, data_dir)
+    raise StoreError(
+        f"unsupported --registry {redact_url(registry)!r}: give a postgresql://USER:PASSWORD@HOST:PORT/DB "
+        "URL, or leave it out to use SQLite in --data-dir"
+    )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+def read_registered_adapter(
+    name: str,
+    *,
+    data_dir: Path,
+    registry: str | None = None,
+    limits: ReadLimits | None = None,
+    unet_config: Mapping[str, Any] | None = None,
+) -> Adapter:
+    """Read the adapter registered as ``name`` (for tools such as ``deft export-onnx``).
+
+    Opens the store read-mostly: it never clears another process's uploads in progress.
+    """
+    from deft_server.uploads import extract_archive
+
+    from deft_runtime.formats import ReadLimits, load_adapter
+
+    limits = limits or ReadLimits()
+    store = open_store(data_dir, registry)
+    try:
+        record = store.get(name)
+        path = store.blob_path(record.sha256)
+        with tempfile.TemporaryDirectory(dir=store.tmp) as work:
+            if record.upload_format == "peft_tar":
+                path = extract_archive(path, Path(work), limits.max_file_bytes)
+            adapter = load_adapter(path, limits=limits, unet_config=unet_config)
+        adapter.metadata["sha256"] = record.sha256  # the registered bytes, for provenance
+        return adapter
+    finally:
+        store.close()
+
+
+def _clear_abandoned_tmp(tmp_root: Path) -> None:
+    """Remove uploads in progress of processes that no longer run (and files of older layouts)."""
+    for entry in tmp_root.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and _alive(int(pid)):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _layers(tensors: dict[str, torch.Tensor]) -> Iterator[str]:

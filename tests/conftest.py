@@ -1,18 +1,22 @@
-"""Fixtures for the end-to-end server tests: real ``deft serve`` processes on free loopback ports.
+"""Fixtures for the end-to-end tests: real ``deft serve`` processes on free loopback ports, and a real
+PostgreSQL server for the shared registry.
 
-Only ``tests/test_server*.py`` and ``tests/test_client*.py`` use them. Each server gets its own data
-folder; the tiny model is built once per session into a shared temporary cache folder.
+Each server gets its own data folder; the tiny model is built once per session into a shared
+temporary cache folder. PostgreSQL: ``DEFT_TEST_POSTGRES_URL`` if set (``.ci/run`` starts one with
+``scripts/test-postgres.sh``), else the tests start that script themselves, else they skip.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,3 +142,49 @@ def server_factory(
     yield factory
     for server in factory.started:
         server.stop()
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The URL of a running PostgreSQL server (its admin database)."""
+    url = os.environ.get("DEFT_TEST_POSTGRES_URL")
+    if url:
+        return url
+    started = subprocess.run(
+        [str(ROOT / "scripts" / "test-postgres.sh"), "start"], capture_output=True, text=True, check=False
+    )
+    if started.returncode == 3:
+        pytest.skip(f"no PostgreSQL server: {started.stderr.strip()}")
+    if started.returncode != 0:
+        raise RuntimeError(f"scripts/test-postgres.sh start failed:\n{started.stderr}")
+    match = re.search(r"DEFT_TEST_POSTGRES_URL=(\S+)", started.stdout)
+    assert match is not None, started.stdout
+    return match.group(1)
+
+
+@pytest.fixture(scope="session")
+def make_postgres_db(postgres_server: str) -> Iterator[Callable[[], str]]:
+    """``make_postgres_db()`` creates an empty database and returns its URL; all are dropped at the end."""
+    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL tests need: pip install 'deft[postgres]'")
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"deft_test_{secrets.token_hex(6)}"
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+
+    yield make
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(make_postgres_db: Callable[[], str]) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return make_postgres_db()

@@ -238,3 +238,15 @@ def test_targets_say_by_how_much_they_are_missed():
     assert judge(1.5, 3.0)["verdict"].startswith("MISSED by 50.0%")
     assert judge(4.0, 2.0, at_most=True)["verdict"].startswith("MISSED by 100.0%")
     assert judge(None, 2.0)["verdict"] == "not measured"
+
+
+def test_registry_suite_measures_both_stores_on_a_real_postgres(postgres_url, tmp_path):
+    from benchmarks import registry
+
+    small = ["--adapters", "30", "--lookups", "60", "--blob-mib", "1", "--repeats", "1"]
+    payload = registry.main(["--registry", postgres_url, *small, "--results-dir", str(tmp_path)])
+    assert set(payload["lookup_us"]) == {"sqlite", "postgresql"}
+    assert all(v["p99_us"] >= v["p50_us"] > 0 for v in payload["lookup_us"].values())
+    (blob,) = payload["blobs"]
+    assert blob["mib"] == 1 and blob["fetch_s"] > 0 and blob["fetch_over_file_read"] > 0
+    assert "PostgreSQL ÷ SQLite" in (tmp_path / "registry.md").read_text()

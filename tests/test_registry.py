@@ -6,15 +6,17 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import sqlite3
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from deft_server.errors import AdapterExists, UploadTooLarge
 from deft_server.registry import AdapterRegistry, AdapterState, UploadFormat
-from deft_server.store import AdapterRecord, AdapterStore, StoreError
+from deft_server.store import ORPHAN_GRACE_S, AdapterRecord, SQLiteStore, StoreError
 from deft_server.uploads import UploadFile, extract_archive, is_tar, validate_name
 from peft import DeftConfig, get_peft_model
 
@@ -132,11 +134,11 @@ def _record(name: str, sha: str = "ab" * 32) -> AdapterRecord:
 
 
 def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
-    store = AdapterStore(tmp_path)
-    store.insert(_record("a"))
+    store = SQLiteStore(tmp_path)
+    store.commit(_record("a"), _write(store.tmp / "x", b"x"))
     assert store.get("a") == store.records()[0] and store.get("a").ranks == (2, 4)
     with pytest.raises(AdapterExists, match="already registered"):
-        store.insert(_record("a"))
+        store.commit(_record("a"), _write(store.tmp / "y", b"y"))
     store.close()
     db = sqlite3.connect(tmp_path / "registry.sqlite3")
     assert db.execute("PRAGMA user_version").fetchone() == (1,)
@@ -144,25 +146,35 @@ def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
     db.commit()
     db.close()
     with pytest.raises(StoreError, match="schema version 99, written by a newer deft"):
-        AdapterStore(tmp_path)
+        SQLiteStore(tmp_path)
 
 
-def test_store_start_up_clears_uploads_in_progress_and_unreferenced_blobs(tmp_path):
-    store = AdapterStore(tmp_path)
-    kept = _write(store.tmp / "k", b"kept")
-    store.commit_blob(kept, "cd" * 32)
-    store.insert(_record("a", "cd" * 32))
-    orphan = _write(store.tmp / "o", b"orphan")
-    store.commit_blob(orphan, "ef" * 32)  # a crash before the row was inserted
-    _write(store.tmp / "upload-1.part", b"half")  # a crash mid-upload
-    (store.tmp / "work").mkdir()
-    store.close()
-    store = AdapterStore(tmp_path)
-    assert not any(store.tmp.iterdir())
-    assert store.blob_path("cd" * 32).read_bytes() == b"kept"
-    assert not store.blob_path("ef" * 32).exists()
+def test_store_start_up_clears_dead_uploads_and_old_unreferenced_blobs(tmp_path):
+    store = SQLiteStore(tmp_path)
+    store.commit(_record("a", "cd" * 32), _write(store.tmp / "k", b"kept"))
+    old, fresh = "ef" * 32, "12" * 32  # blobs a crash left before their rows were inserted
+    for sha in (old, fresh):
+        path = store.local_blob_path(sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"orphan")
+    an_hour_ago = time.time() - ORPHAN_GRACE_S - 60
+    os.utime(store.local_blob_path(old), (an_hour_ago, an_hour_ago))
+    dead = tmp_path / "tmp" / "999999999-dead"  # the upload folder of a process that died
+    dead.mkdir()
+    _write(dead / "upload-1.part", b"half")
+    live = store.tmp  # this process's: another store in a running process must not lose its uploads
+    _write(live / "upload-2.part", b"in progress")
+
+    other = SQLiteStore(tmp_path)
+    assert not dead.exists() and (live / "upload-2.part").exists() and other.tmp != live
+    assert other.blob_path("cd" * 32).read_bytes() == b"kept"
+    assert not other.blob_path(old).exists()
+    assert other.blob_path(fresh).exists()  # another process may be about to commit it
     with pytest.raises(AdapterNotFound):
-        store.remove("nope")
+        other.remove("nope")
+    store.close()
+    assert not live.exists()  # a clean close removes the process's own folder
+    other.close()
 
 
 # ---------------------------------------------------------------------------- registry on a real base
@@ -182,7 +194,7 @@ def peft_dir(tmp_path_factory) -> Path:
 def _registry(data_dir: Path, denoiser: torch.nn.Module) -> AdapterRegistry:
     pool = PoolConfig(device_bytes=4 << 20, host_bytes=4 << 20)
     model = MultiAdapterModel(denoiser, pool_config=pool, backend="torch")
-    return AdapterRegistry(AdapterStore(data_dir), model, read_limits=ReadLimits(), max_rank=8)
+    return AdapterRegistry(SQLiteStore(data_dir), model, read_limits=ReadLimits(), max_rank=8)
 
 
 def _received(tmp: Path, peft_dir: Path):

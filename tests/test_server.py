@@ -492,7 +492,8 @@ def test_bad_uploads_are_refused_and_leave_nothing(client, server, tmp_path, cas
     assert info.value.code is code, info.value
     assert message in info.value.message
     assert f"bad-{case}" not in {a.name for a in client.list_adapters()}
-    assert not any((server.data_dir / "tmp").iterdir()), "a refused upload left temporary files"
+    leftovers = [p for p in (server.data_dir / "tmp").rglob("*") if not p.is_dir()]
+    assert not leftovers, f"a refused upload left temporary files: {leftovers}"
     assert not Path("/tmp/evil.json").exists() and not (server.data_dir.parent / "evil.json").exists()
 
 

@@ -58,7 +58,7 @@ def restarted(server_factory, peft_dir):
     stall = threading.Event()
     upload = _stalled_upload(first.address, stall)
     deadline = time.monotonic() + 30
-    while not any((first.data_dir / "tmp").glob("upload-*.part")):
+    while not any((first.data_dir / "tmp").glob("*/upload-*.part")):
         assert time.monotonic() < deadline, "the upload never reached the server"
         time.sleep(0.02)
     first.send(signal.SIGKILL)
@@ -101,7 +101,8 @@ def test_restart_keeps_the_registry_without_partial_uploads_or_recompiling(resta
     log = restarted.log()
     assert "1 adapters (1 from the compiled cache, 0 compiled, 0 incompatible)" in log
     assert "compiling adapter" not in log, "a restart on the same base recompiled an adapter"
-    assert not any((restarted.data_dir / "tmp").iterdir()), "the killed upload left its temporary file"
+    leftovers = [p for p in (restarted.data_dir / "tmp").rglob("*") if not p.is_dir()]
+    assert not leftovers, f"the killed upload left its temporary file: {leftovers}"
     assert len(list((restarted.data_dir / "blobs").glob("*/*/*"))) == 1
 
 

@@ -56,6 +56,7 @@ EXPECTED = {
     "UploadTooLarge": CODE.RESOURCE_EXHAUSTED,
     "EngineDraining": CODE.UNAVAILABLE,
     "NotReady": CODE.UNAVAILABLE,
+    "RegistryUnavailable": CODE.UNAVAILABLE,
     "DeadlineExceeded": CODE.DEADLINE_EXCEEDED,
     "RequestCancelled": CODE.CANCELLED,
     "GenerationFailed": CODE.INTERNAL,  # a failure of the server, not of the request
