@@ -35,6 +35,9 @@ replica (power of two choices).
 (for a streamed ``Generate`` as well; an error reported before the first event has no trailing metadata,
 see below).
 
+**Metrics.** Each replica serves deft's Prometheus metrics (the same as ``deft serve``'s) on
+``metrics_port`` plus its rank on the node (``9400``, ``9401``, … per node; ``metrics_port=0``: off).
+
 **Shared registry.** Every replica opens the registry given by its settings: ``registry=postgresql://…``
 (any number of nodes) or ``data_dir=…`` (the SQLite registry, for replicas on one machine, or a shared
 filesystem). An adapter registered anywhere (``deft adapters register`` against any ``deft serve``
@@ -79,6 +82,7 @@ from deft_server.convert import generation_request
 from deft_server.errors import UploadTooLarge, to_status
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
+from prometheus_client import start_http_server
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -218,6 +222,8 @@ class DeftReplica:
         self.adapters = AdapterService(self.state, int(self.settings.max_upload_size))
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context is not None else f"pid-{os.getpid()}"
+        self._stop_metrics: Any = None
+        self.metrics_port = self._serve_metrics(getattr(getattr(context, "rank", None), "local_rank", 0))
 
         async def load_set(set_id: str) -> AdapterSet:
             return await self._load_set(set_id)
@@ -226,6 +232,23 @@ class DeftReplica:
         self._hold = serve.multiplexed(max_num_models_per_replica=max_adapter_sets)(load_set)
         self._closed = False
         log.info("deft replica %s ready (%s)", self.replica_id, self.settings.model)
+
+    def _serve_metrics(self, local_rank: int) -> int | None:
+        """This replica's /metrics on ``metrics_port + its rank on the node`` (0: off), so that every
+        replica of a node has a predictable port for Prometheus: base, base+1, … (see deploy/README.md)."""
+        if not self.settings.metrics_port:
+            return None
+        port = self.settings.metrics_port + local_rank
+        try:
+            http, _ = start_http_server(port, addr=self.settings.host, registry=self.metrics.registry)
+        except OSError as e:  # metrics are not worth failing a replica for
+            log.warning(
+                "replica %s cannot serve metrics on %s:%d: %s", self.replica_id, self.settings.host, port, e
+            )
+            return None
+        self._stop_metrics = http.shutdown
+        log.info("replica %s serves metrics on %s:%d", self.replica_id, self.settings.host, port)
+        return port
 
     async def _load_set(self, set_id: str) -> AdapterSet:
         """Serve's multiplexed loader: make the set's adapters resident here (the routing id's meaning)."""
@@ -318,6 +341,8 @@ class DeftReplica:
         self._closed = True
         self.state.draining = True
         self.runtime.close()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
 
 
 # ---------------------------------------------------------------------------------------- ingress

@@ -13,6 +13,7 @@ adapter it never held, through Serve's own routing.
 from __future__ import annotations
 
 import socket
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +52,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free (the replicas' metrics ports: base + rank on the node)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+#: the replicas' metrics ports are METRICS_BASE and METRICS_BASE + 1
+METRICS_BASE = free_port_pair()
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -129,6 +147,7 @@ def ray_address(admin, tiny_model_cache) -> Iterator[str]:
                 "num_replicas": "2",
                 "num_cpus": "0.5",
                 "max_ongoing_requests": "1",
+                "metrics_port": str(METRICS_BASE),
             }
         )
         serve.run(app, name="deft")
@@ -288,6 +307,25 @@ def test_errors_keep_their_status_codes(ray_address):
         with pytest.raises(DeftError) as missing:
             client.get_adapter("ghost")
         assert missing.value.code is CODE.NOT_FOUND
+
+
+def _ok_requests(port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "deft_requests_running" in families and "deft_adapters_registered" in families
+    return sum(s.value for s in families["deft_requests"].samples if s.labels.get("status") == "ok")
+
+
+def test_every_replica_exports_its_metrics_on_base_plus_its_rank(channel):
+    ports = (METRICS_BASE, METRICS_BASE + 1)
+    before = [_ok_requests(port) for port in ports]
+    served = [once(channel, [name])[0] for name in ("a", "b", "a", "b")]
+    after = [_ok_requests(port) for port in ports]
+    assert sum(after) - sum(before) == len(served)  # every request counted once, by the replica that ran it
+    assert all(a > 0 for a in after), "both replicas have served requests in this module"
 
 
 # ---------------------------------------------------------------------------- the config file
