@@ -14,6 +14,7 @@ SUITES = {
     "cold-load": "benchmarks.cold_load",
     "memory": "benchmarks.memory",
     "registry": "benchmarks.registry",
+    "ray-affinity": "benchmarks.ray_affinity",
 }
 
 

@@ -100,7 +100,9 @@ DEPLOYMENT_ARGS = {
     "num_cpus": "CPUs reserved per replica (default 1)",
     "num_gpus": "GPUs per replica (default 0; 1 on a GPU node)",
     "torch_threads": "torch intra-op threads per replica on CPU (default 1)",
+    "routing": "affinity (the adapter set is the multiplexed id; default) | any (Serve's plain routing)",
 }
+ROUTING_MODES = ("affinity", "any")
 #: grpc_options.grpc_servicer_functions of Serve's gRPC proxy for this application
 SERVICE_FUNCTIONS = [
     "deft_server.ray_app.add_generation_service",
@@ -271,7 +273,7 @@ class DeftReplica:
     async def _prepare(self, request: generation_pb2.GenerateRequest) -> None:
         """Validate like the service would, then hold the request's adapter set (its routing id)."""
         generation_request(request, self.limits, self.runtime.engine.family.defaults(), None).validate()
-        set_id = request_set_id(request)
+        set_id = serve.get_multiplexed_model_id()  # what the router routed on ("" with routing=any)
         if set_id:
             await self._hold(set_id)
 
@@ -351,10 +353,20 @@ class DeftReplica:
 class DeftIngress:
     """Serve's gRPC entry point for ``deft.v1``: picks the routing id, forwards, maps the outcome."""
 
-    def __init__(self, replicas: DeploymentHandle, token: str | None = None, max_upload_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        replicas: DeploymentHandle,
+        token: str | None = None,
+        max_upload_bytes: int = 1 << 30,
+        routing: str = "affinity",
+    ):
         self.replicas = replicas
+        self.affinity = routing == "affinity"
         self.expected = f"Bearer {token}".encode() if token else None
         self.max_upload_bytes = max_upload_bytes
+
+    def _routing_id(self, request: generation_pb2.GenerateRequest) -> str:
+        return request_set_id(request) if self.affinity else ""
 
     def _check_token(self, context: Any) -> Failure | None:
         if self.expected is None or context is None:
@@ -383,7 +395,7 @@ class DeftIngress:
             self._fail_unary(grpc_context, "", denied)
             return generation_pb2.GenerateResponse()
         handle = self.replicas.options(
-            method_name="generate_once", multiplexed_model_id=request_set_id(request)
+            method_name="generate_once", multiplexed_model_id=self._routing_id(request)
         )
         replica, outcome = await handle.remote(request.SerializeToString())
         if isinstance(outcome, Failure):
@@ -400,7 +412,7 @@ class DeftIngress:
         if denied is not None:
             _fail_stream(grpc_context, denied)
         handle = self.replicas.options(
-            method_name="generate", multiplexed_model_id=request_set_id(request), stream=True
+            method_name="generate", multiplexed_model_id=self._routing_id(request), stream=True
         )
         async for kind, value in handle.remote(request.SerializeToString()):
             if kind == "replica":
@@ -494,6 +506,9 @@ def build_app(args: Mapping[str, Any]) -> Any:
     num_cpus = float(args.pop("num_cpus", 1))
     num_gpus = float(args.pop("num_gpus", 0))
     torch_threads = int(args.pop("torch_threads", 1))
+    routing = str(args.pop("routing", "affinity"))
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing={routing!r}: must be one of {', '.join(ROUTING_MODES)}")
     max_ongoing = args.pop("max_ongoing_requests", None)
     settings = {key: str(value) for key, value in args.items() if value is not None}
     checked = ServerSettings(**settings)  # fail at deploy time, not in every replica
@@ -518,4 +533,4 @@ def build_app(args: Mapping[str, Any]) -> Any:
         max_ongoing_requests=max(1000, num_replicas * checked.max_queue),
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(replica, token, int(checked.max_upload_size))
+    return ingress.bind(replica, token, int(checked.max_upload_size), routing)

@@ -349,6 +349,8 @@ def test_the_serve_config_deploys_this_app():
     assert type(built).__name__ == "Application"
     with pytest.raises(ValidationError, match="max_queue"):
         build_app({**app.args, "max_queue": "0"})
+    with pytest.raises(ValueError, match="routing='nearest': must be one of affinity, any"):
+        build_app({**app.args, "routing": "nearest"})
 
 
 class _Context:
