@@ -73,7 +73,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -84,7 +84,7 @@ from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
 from prometheus_client import start_http_server
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deft_runtime.errors import AdapterNotFound, InvalidRequest, PoolExhausted
 
@@ -414,7 +414,8 @@ class DeftIngress:
         handle = self.replicas.options(
             method_name="generate", multiplexed_model_id=self._routing_id(request), stream=True
         )
-        async for kind, value in handle.remote(request.SerializeToString()):
+        events = cast(DeploymentResponseGenerator, handle.remote(request.SerializeToString()))
+        async for kind, value in events:
             if kind == "replica":
                 if grpc_context is not None:  # sent with the first event, kept to the end
                     grpc_context.set_trailing_metadata([(REPLICA_KEY, value)])
@@ -511,10 +512,9 @@ def build_app(args: Mapping[str, Any]) -> Any:
         raise ValueError(f"routing={routing!r}: must be one of {', '.join(ROUTING_MODES)}")
     max_ongoing = args.pop("max_ongoing_requests", None)
     settings = {key: str(value) for key, value in args.items() if value is not None}
-    checked = ServerSettings(**settings)  # fail at deploy time, not in every replica
+    checked = ServerSettings.model_validate(settings)  # fail at deploy time, not in every replica
     threads = str(max(torch_threads, 1))
     replica = serve.deployment(
-        DeftReplica,
         name="DeftReplica",
         num_replicas=num_replicas,
         max_ongoing_requests=int(max_ongoing) if max_ongoing is not None else checked.max_active,
@@ -524,13 +524,12 @@ def build_app(args: Mapping[str, Any]) -> Any:
             "num_gpus": num_gpus,
             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
         },
-    ).bind(settings, max_adapter_sets, torch_threads)
+    )(DeftReplica).bind(settings, max_adapter_sets, torch_threads)
     token = checked.token.get_secret_value() if checked.token else None
     ingress = serve.deployment(
-        DeftIngress,
         name="DeftIngress",
         num_replicas=1,
         max_ongoing_requests=max(1000, num_replicas * checked.max_queue),
         ray_actor_options={"num_cpus": 0},
-    )
+    )(DeftIngress)
     return ingress.bind(replica, token, int(checked.max_upload_size), routing)
