@@ -115,17 +115,33 @@ class PostgresStore(AdapterStore):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        """The connection inside one transaction; reconnects a dropped connection first."""
+        """The shared connection inside one transaction; reconnects a dropped connection first."""
         with self._lock:
             if self._conn.closed or self._conn.broken:
                 self._reconnect()
+            with self._unavailable_on_error(), self._conn.transaction():
+                yield self._conn
+
+    @contextlib.contextmanager
+    def _bulk_transaction(self) -> Iterator[Any]:
+        """A transaction on a connection of its own, for moving a blob's bytes: the per-request lookups
+        on the shared connection never wait behind a transfer of many megabytes."""
+        with self._unavailable_on_error():
+            conn = self._pg.connect(self._url, autocommit=True, **self._connect_options)
             try:
-                with self._conn.transaction():
-                    yield self._conn
-            except self._pg.OperationalError as e:
-                raise RegistryUnavailable(
-                    f"the registry database {self.location} is unreachable: {str(e).strip()}; retry"
-                ) from e
+                with conn.transaction():
+                    yield conn
+            finally:
+                conn.close()
+
+    @contextlib.contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except self._pg.OperationalError as e:
+            raise RegistryUnavailable(
+                f"the registry database {self.location} is unreachable: {str(e).strip()}; retry"
+            ) from e
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement in its own transaction; retried once on a fresh connection when the old one
@@ -195,7 +211,7 @@ class PostgresStore(AdapterStore):
 
     def _commit_once(self, record: AdapterRecord, received: Path) -> None:
         placeholders = ", ".join(["%s"] * len(record.row()))
-        with self._transaction() as conn:
+        with self._bulk_transaction() as conn:
             inserted = conn.execute(
                 "INSERT INTO deft_blobs (sha256, size_bytes) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 (record.sha256, received.stat().st_size),
@@ -236,7 +252,7 @@ class PostgresStore(AdapterStore):
         digest = hashlib.sha256()
         fd, name = tempfile.mkstemp(prefix="blob-", dir=self.tmp)
         try:
-            with os.fdopen(fd, "wb") as out, self._transaction() as conn:
+            with os.fdopen(fd, "wb") as out, self._bulk_transaction() as conn:
                 cursor = conn.cursor(name=f"blob_{sha256[:16]}")  # server-side: chunk by chunk
                 cursor.itersize = 1
                 cursor.execute("SELECT data FROM deft_blob_chunks WHERE sha256 = %s ORDER BY seq", (sha256,))
