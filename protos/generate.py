@@ -8,7 +8,9 @@ Usage (from the repository root; ``make protos`` runs the first form)::
 The server and the client both import the stubs from ``deft_client.proto``. protoc writes them as
 ``deft/v1/<name>_pb2.py`` with absolute imports (``from deft.v1 import …``); this script flattens
 them into one package and turns those imports into relative ones, so no top-level ``deft`` package
-is needed. Descriptor names stay ``deft/v1/<name>.proto`` (what server reflection reports).
+is needed, and names the message classes' module ``deft_client.proto.<name>_pb2`` (where they really
+live, so pickle, and with it Ray, can find them). Descriptor names stay ``deft/v1/<name>.proto`` (what
+server reflection reports).
 
 The output embeds the protobuf and grpc versions of the generator, so the committed files are
 generated with the grpcio-tools version pinned below (the ``dev`` extra pins the same one).
@@ -31,6 +33,8 @@ INIT = (
     '"""Generated gRPC/protobuf stubs of ``deft.v1`` (``protos/generate.py`` writes them; do not edit)."""\n'
 )
 _ABSOLUTE_IMPORT = re.compile(r"^from deft\.v1 import (\w+_pb2)", re.MULTILINE)
+#: the module name protoc gives the message classes (their ``__module__``, which pickle imports)
+_MODULE_NAME = re.compile(r"'deft\.v1\.(\w+_pb2)'")
 
 
 def proto_files() -> list[Path]:
@@ -63,6 +67,7 @@ def generate(out: Path) -> list[Path]:
         run_protoc(staging)
         for src in sorted((staging / "deft" / "v1").iterdir()):
             text = _ABSOLUTE_IMPORT.sub(r"from . import \1", src.read_text())
+            text = _MODULE_NAME.sub(r"'deft_client.proto.\1'", text)
             (out / src.name).write_text(text)
             written.append(out / src.name)
     (out / "__init__.py").write_text(INIT)

@@ -67,7 +67,6 @@ Serve's gRPC ingress must be given the deft services (``grpc_servicer_functions`
 from __future__ import annotations
 
 import asyncio
-import copyreg
 import hmac
 import logging
 import os
@@ -110,40 +109,13 @@ SERVICE_FUNCTIONS = [
 ]
 
 
-def _message_from_bytes(module: str, name: str, data: bytes) -> Any:
-    return getattr(_STUBS[module], name).FromString(data)
-
-
-def _reduce_message(message: Any) -> tuple[Any, tuple[str, str, bytes]]:
-    module = "adapters" if message.DESCRIPTOR.file is adapters_pb2.DESCRIPTOR else "generation"
-    return _message_from_bytes, (module, message.DESCRIPTOR.name, message.SerializeToString())
-
-
-def _make_messages_picklable() -> None:
-    """Let the deft.v1 messages cross Ray's process boundaries.
-
-    Serve's proxy pickles each request message for the ingress (and each chunk of a client stream).
-    protoc names the message classes' module after the .proto path (``deft.v1.generation_pb2``), which is
-    not importable (the stubs live in ``deft_client.proto``), so pickling them by reference fails. A
-    ``copyreg`` reducer sends them as their wire bytes instead, in every process that imports this module
-    (the proxy does, through :data:`SERVICE_FUNCTIONS`).
-    """
-    for stub in _STUBS.values():
-        for name in stub.DESCRIPTOR.message_types_by_name:
-            copyreg.pickle(getattr(stub, name), _reduce_message)
-
-
-_STUBS = {"generation": generation_pb2, "adapters": adapters_pb2}
-_make_messages_picklable()
-
-
 def add_generation_service(servicer: Any, server: Any) -> None:
-    """``add_GenerationServiceServicer_to_server``, importing this module into Serve's proxy (see above)."""
+    """``add_GenerationServiceServicer_to_server`` (a stable name for Serve's ``grpc_servicer_functions``)."""
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
 
 
 def add_adapter_service(servicer: Any, server: Any) -> None:
-    """``add_AdapterServiceServicer_to_server``, importing this module into Serve's proxy (see above)."""
+    """``add_AdapterServiceServicer_to_server`` (a stable name for Serve's ``grpc_servicer_functions``)."""
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(servicer, server)
 
 

@@ -209,6 +209,20 @@ def test_committed_stubs_match_the_protos(tmp_path):
     assert not mismatch and not errors, f"run `make protos`: {mismatch or errors} differ from protos/"
 
 
+def test_messages_pickle_by_reference_to_their_real_module():
+    """Ray (and any multiprocessing) pickles request messages: their classes must be importable by name."""
+    import pickle
+
+    from deft_client.proto import adapters_pb2, generation_pb2
+
+    for message in (
+        generation_pb2.GenerateRequest(prompt="a dog", seed=3),
+        adapters_pb2.RegisterAdapterChunk(data=b"bytes"),
+    ):
+        assert type(message).__module__.startswith("deft_client.proto.")
+        assert pickle.loads(pickle.dumps(message)) == message
+
+
 # ---------------------------------------------------------------------------- engine contract
 
 
