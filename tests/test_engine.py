@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -318,6 +319,28 @@ def test_full_queue_is_refused(sdxl_adapters):
         first.result(120)
         for h in queued:
             h.result(120)
+    finally:
+        engine.shutdown()
+
+
+def test_a_cancelled_queued_request_frees_its_queue_place_at_once(sdxl_adapters):
+    engine = serving_engine(build_tiny_sdxl(0), sdxl_adapters, max_active=1, max_queue=1)
+    try:
+        running = engine.submit(GenerationRequest(prompt="x", num_inference_steps=200, seed=1))
+        deadline = time.monotonic() + 60
+        while engine.running == 0:  # admitted: the queue is empty again
+            assert time.monotonic() < deadline and not running.future.done()
+            time.sleep(0.01)
+        waiting = engine.submit(GenerationRequest(prompt="y", num_inference_steps=1, seed=2))
+        with pytest.raises(QueueFull):
+            engine.submit(GenerationRequest(prompt="z", num_inference_steps=1, seed=3))
+        waiting.cancel()
+        with pytest.raises(RequestCancelled, match="while queued"):
+            waiting.result(60)  # dropped at the next step, while the long request still runs
+        assert not running.future.done() and engine.waiting == 0
+        replacement = engine.submit(GenerationRequest(prompt="z", num_inference_steps=1, seed=3))
+        running.cancel()
+        assert replacement.result(120).images
     finally:
         engine.shutdown()
 

@@ -152,7 +152,7 @@ class Engine:
         )
         self.observer: EngineObserver = observer or _NullObserver()
         self.previewer = LatentPreviewer(pipe, self.family, self.device)
-        self._waiting: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._waiting: queue.Queue[_Request] = queue.Queue()  # FIFO; cancelled ones are purged in place
         self._n_waiting = 0
         self._pending: list[_Request] = []  # admitted, adapters loading
         self._active: dict[str, _Request] = {}
@@ -270,6 +270,7 @@ class Engine:
         self._fail_everything(EngineDraining("the engine stopped before the request finished"))
 
     def _iterate(self) -> bool:
+        self._drop_cancelled_waiting()
         self._admit()
         self._promote_loaded()
         self._expire()
@@ -280,6 +281,22 @@ class Engine:
         self._iteration += 1
         self._step([self._active[i] for i in ids])
         return True
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Cancelled requests leave the queue at the next step, not when admission reaches them: while
+        every active slot is busy they would otherwise hold queue places (and count as waiting)."""
+        with self._waiting.mutex:
+            queued = self._waiting.queue
+            dropped = [r for r in queued if r.handle.cancelled]
+            if not dropped:
+                return
+            kept = [r for r in queued if not r.handle.cancelled]
+            queued.clear()
+            queued.extend(kept)
+        with self._lock:
+            self._n_waiting -= len(dropped)
+        for r in dropped:
+            self._finish_error(r, RequestCancelled("cancelled while queued"), "cancelled")
 
     def _admit(self) -> None:
         in_flight = len(self._active) + len(self._pending)
