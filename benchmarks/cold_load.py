@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from deft_client import DeftClient, Progress
-from deft_server.store import AdapterStore
+from deft_server.store import SQLiteStore
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import RESULTS_DIR, markdown_table, synchronize, write_report
@@ -203,7 +203,7 @@ def component_case(
 ) -> dict[str, Any]:
     device, dtype = torch.device(preset.device), getattr(torch, preset.dtype)
     compiled = random_compiled(shapes, rank)
-    store = AdapterStore(root / label.replace(" ", "-"))
+    store = SQLiteStore(root / label.replace(" ", "-"))
     sha, digest = hashlib.sha256(label.encode()).hexdigest(), "bench"
     store.save_compiled(sha, digest, compiled)
     path = store.compiled_path(sha, digest)

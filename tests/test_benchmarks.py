@@ -250,3 +250,13 @@ def test_registry_suite_measures_both_stores_on_a_real_postgres(postgres_url, tm
     (blob,) = payload["blobs"]
     assert blob["mib"] == 1 and blob["fetch_s"] > 0 and blob["fetch_over_file_read"] > 0
     assert "PostgreSQL ÷ SQLite" in (tmp_path / "registry.md").read_text()
+
+
+def test_cold_load_components_run_on_the_server_store(tmp_path):
+    from benchmarks import cold_load
+    from benchmarks.suites import PRESETS
+
+    row = cold_load.component_case("small", {"proj": (16, 8)}, 2, PRESETS["tiny"], tmp_path, repeats=1)
+    stages = ("read file ms", "disk → host ms", "host → device ms", "disk → device ms")
+    assert row["rank"] == 2 and all(row[stage] > 0 for stage in stages)
+    assert row["disk→device / read"] == row["disk → device ms"] / row["read file ms"]
