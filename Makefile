@@ -38,7 +38,7 @@ lint: venv
 	mkdir -p $(MYPY_SRC)
 	ln -sfn ../server $(MYPY_SRC)/deft_server
 	ln -sfn ../clients/python/deft_client $(MYPY_SRC)/deft_client
-	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy -p deft_runtime -p deft_server -p deft_client
+	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy -p deft_runtime -p deft_server -p deft_client -p benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(MYPY_SRC)

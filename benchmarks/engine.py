@@ -67,7 +67,7 @@ def build_engine(policy: dict[str, Any], n_adapters: int, max_rows: int) -> tupl
     mam = MultiAdapterModel(
         pipe.unet, pool_config=PoolConfig(device_bytes=64 << 20, host_bytes=64 << 20), backend="torch"
     )
-    shapes = {n: tuple(w.shape) for n, w in mam.base_weights.items()}
+    shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in mam.base_weights.items()}
     names = []
     for i in range(n_adapters):
         name = f"a{i}"
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     t_single = service_time(args.adapters, args.max_batch_rows)
-    rows, curves = [], {}
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
     for label, load in zip(("low", "high"), args.loads, strict=True):
         rate = load / t_single
         trace = make_trace(args.requests, rate, [f"a{i}" for i in range(args.adapters)], args.seed)

@@ -104,7 +104,8 @@ def _peft_mixed(base: OneLayer, compiled: dict, device: torch.device, dtype: tor
             peft_model = get_peft_model(copy.deepcopy(base), cfg, adapter_name=n)
         else:
             peft_model.add_adapter(n, cfg)
-        layer = peft_model.base_model.model.to_q
+        model: Any = peft_model.base_model.model
+        layer = model.to_q
         with torch.no_grad():
             layer.lora_A[n].weight.copy_(f.A.to(dtype))
             layer.lora_B[n].weight.copy_(f.B.to(dtype))
