@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, markdown_table, write_report
+from benchmarks.common import markdown_table
 from benchmarks.loadgen import (
     ROW_COLUMNS,
     Arrival,
@@ -41,6 +41,7 @@ from benchmarks.suites import (
     judge,
     load_snapshot,
     preset_argument,
+    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -308,12 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": targets(payload["rows"], payload["confirmation"]),
         "suite_seconds": time.perf_counter() - start,
     }
-    payload["machine"].update(load_at_start=load_at_start, load_at_end=load_snapshot())
-    plot(payload["rows"], RESULTS_DIR / f"{name}.png")
-    md = report(name, payload)
-    write_report(name, payload, md)
-    print(md)
-    return payload
+    return publish(name, payload, load_at_start, lambda path: plot(payload["rows"], path), report)
 
 
 if __name__ == "__main__":

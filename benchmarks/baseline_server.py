@@ -43,12 +43,12 @@ import torch
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from deft_server.config import RequestLimits
 from deft_server.convert import adapter_message, event_message, generation_request, result_message
-from deft_server.errors import AdapterExists, AdapterInUse, UploadTooLarge, to_status
+from deft_server.errors import AdapterExists, AdapterInUse
 from deft_server.loading import resolve_device, resolve_dtype
 from deft_server.registry import AdapterState
-from deft_server.service import EventBridge
+from deft_server.service import EventBridge, abort, mapped_errors
 from deft_server.store import AdapterRecord
-from deft_server.uploads import ReceivedFile, UploadFile, extract_archive, is_tar, validate_name
+from deft_server.uploads import ReceivedFile, extract_archive, is_tar, received_upload, validate_name
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from pydantic import ByteSize, TypeAdapter
@@ -530,11 +530,12 @@ class BaselineGeneration(generation_pb2_grpc.GenerationServiceServicer):
         except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
             raise
         except Exception as e:
-            await context.abort_with_status(to_status(e))
+            await abort(context, e)
         finally:
             if handle is not None and not handle.future.done():
                 handle.cancel()
 
+    @mapped_errors
     async def GenerateOnce(
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> generation_pb2.GenerateResponse:
@@ -544,11 +545,6 @@ class BaselineGeneration(generation_pb2_grpc.GenerationServiceServicer):
             result = await asyncio.wrap_future(handle.future)
             message = await asyncio.to_thread(result_message, result)
             return generation_pb2.GenerateResponse(request_id=result.request_id, result=message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:
-            await context.abort_with_status(to_status(e))
-            raise AssertionError("unreachable") from e
         finally:
             if handle is not None and not handle.future.done():
                 handle.cancel()
@@ -564,56 +560,25 @@ class BaselineAdapters(adapters_pb2_grpc.AdapterServiceServicer):
         state = AdapterState.RESIDENT if record.name in self.adapters.loaded else AdapterState.READY
         return adapter_message(record, state, "")
 
+    @mapped_errors
     async def RegisterAdapter(self, request_iterator: Any, context: Any) -> adapters_pb2.Adapter:
-        upload = None
-        try:
-            first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("chunk") != "header":
-                raise InvalidRequest("the first RegisterAdapterChunk must carry the header (name and format)")
-            header = first.header
-            validate_name(header.name)
-            self.registry.check_free(header.name)
-            if header.size_bytes > self.registry.max_upload:
-                raise UploadTooLarge(
-                    f"the upload is {header.size_bytes} bytes, above {self.registry.max_upload}"
-                )
-            upload = await asyncio.to_thread(UploadFile, self.registry.tmp, self.registry.max_upload)
-            async for chunk in request_iterator:
-                if chunk.WhichOneof("chunk") != "data":
-                    raise InvalidRequest("only the first RegisterAdapterChunk may carry the header")
-                await asyncio.to_thread(upload.write, chunk.data)
-            received = await asyncio.to_thread(upload.finish)
-            if header.sha256 and header.sha256.lower() != received.sha256:
-                raise InvalidRequest(f"the upload's sha256 is {received.sha256}, not {header.sha256}")
-            record = await asyncio.to_thread(
-                self.registry.register, header.name, received, dict(header.metadata)
-            )
-            return self._message(record)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:
-            await context.abort_with_status(to_status(e))
-            raise AssertionError("unreachable") from e
-        finally:
-            if upload is not None:
-                await asyncio.to_thread(upload.discard)
+        registry = self.registry
+        async with received_upload(
+            request_iterator, registry.tmp, registry.max_upload, registry.check_free
+        ) as (header, received):
+            record = await asyncio.to_thread(registry.register, header.name, received, dict(header.metadata))
+        return self._message(record)
 
     async def ListAdapters(self, request: Any, context: Any) -> adapters_pb2.ListAdaptersResponse:
         return adapters_pb2.ListAdaptersResponse(adapters=[self._message(r) for r in self.registry.records()])
 
+    @mapped_errors
     async def GetAdapter(self, request: Any, context: Any) -> adapters_pb2.Adapter:
-        try:
-            return self._message(self.registry.get(request.name).record)
-        except Exception as e:
-            await context.abort_with_status(to_status(e))
-            raise AssertionError("unreachable") from e
+        return self._message(self.registry.get(request.name).record)
 
+    @mapped_errors
     async def DeleteAdapter(self, request: Any, context: Any) -> adapters_pb2.DeleteAdapterResponse:
-        try:
-            entry = self.registry.delete(request.name)
-        except Exception as e:
-            await context.abort_with_status(to_status(e))
-            raise AssertionError("unreachable") from e
+        entry = self.registry.delete(request.name)
         await asyncio.to_thread(self.worker.unload, request.name)
         shutil.rmtree(entry.path, ignore_errors=True)
         return adapters_pb2.DeleteAdapterResponse()

@@ -37,7 +37,7 @@ from deft_client import DeftClient, Progress
 from deft_server.store import SQLiteStore
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import RESULTS_DIR, markdown_table, synchronize, write_report
+from benchmarks.common import markdown_table, synchronize
 from benchmarks.suites import (
     PRESETS,
     Preset,
@@ -47,6 +47,7 @@ from benchmarks.suites import (
     judge,
     load_snapshot,
     preset_argument,
+    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -332,12 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "components": rows,
         "suite_seconds": time.perf_counter() - start,
     }
-    payload["machine"].update(load_at_start=load_at_start, load_at_end=load_snapshot())
-    plot(rows, RESULTS_DIR / f"{name}.png")
-    md = report(name, payload)
-    write_report(name, payload, md)
-    print(md)
-    return payload
+    return publish(name, payload, load_at_start, lambda path: plot(rows, path), report)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import psutil
 import torch
 from deft_client import DeftClient
 
-from benchmarks.common import RESULTS_DIR, markdown_table, write_report
+from benchmarks.common import markdown_table
 from benchmarks.suites import (
     PRESETS,
     Preset,
@@ -35,6 +35,7 @@ from benchmarks.suites import (
     environment,
     load_snapshot,
     preset_argument,
+    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -265,12 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sdxl_per_gib": per_gib,
         "suite_seconds": time.perf_counter() - start,
     }
-    payload["machine"].update(load_at_start=load_at_start, load_at_end=load_snapshot())
-    plot(per_gib, RESULTS_DIR / f"{name}.png")
-    md = report(name, payload)
-    write_report(name, payload, md)
-    print(md)
-    return payload
+    return publish(name, payload, load_at_start, lambda path: plot(per_gib, path), report)
 
 
 if __name__ == "__main__":

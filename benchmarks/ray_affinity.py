@@ -77,7 +77,7 @@ def workload(args: argparse.Namespace, names: list[str]) -> list[str]:
 
 
 def run_mode(
-    mode: str, args: argparse.Namespace, registry: dict[str, str], names: list[str]
+    mode: str, args: argparse.Namespace, registry: dict[str, str], names: list[str], address: str
 ) -> dict[str, Any]:
     """Deploy the app with ``routing=mode`` on fresh replicas, drive the workload, tear it down."""
     import grpc
@@ -104,7 +104,6 @@ def run_mode(
     serve.run(app, name="deft", route_prefix="/")
     ports = [metrics_base + rank for rank in range(args.replicas)]
     before = [scrape(port) for port in ports]
-    address = serve_grpc_address()
     latencies: list[float] = []
     replicas: dict[str, int] = {}
     with grpc.insecure_channel(address) as channel:
@@ -141,13 +140,6 @@ def run_mode(
     }
 
 
-_GRPC_PORT: dict[str, int] = {}
-
-
-def serve_grpc_address() -> str:
-    return f"127.0.0.1:{_GRPC_PORT['port']}"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
     from deft_client import DeftClient
@@ -170,18 +162,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name, path in files.items():
                     client.register_adapter(name, path)
             registry = {"data_dir": str(admin.data_dir)}  # one machine: the SQLite registry is shared
-            _GRPC_PORT["port"] = free_port()
+            grpc_port = free_port()
             ray.init(num_cpus=4, object_store_memory=128 << 20, include_dashboard=False, log_to_driver=False)
             try:
                 serve.start(
-                    grpc_options=gRPCOptions(
-                        port=_GRPC_PORT["port"], grpc_servicer_functions=SERVICE_FUNCTIONS
-                    ),
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICE_FUNCTIONS),
                     http_options={"host": "127.0.0.1", "port": free_port()},
                 )
                 for _ in range(args.rounds):
                     for mode in MODES:
-                        rows.append(run_mode(mode, args, registry, list(files)))
+                        rows.append(run_mode(mode, args, registry, list(files), f"127.0.0.1:{grpc_port}"))
                         print(rows[-1], flush=True)
             finally:
                 serve.shutdown()

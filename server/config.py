@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from deft_server.store import REGISTRY_URL_HELP, is_registry_url
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -103,11 +104,8 @@ class ServerSettings(BaseSettings):
     def _registry_url(cls, value: str | None) -> str | None:
         if not value:
             return None
-        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-        if scheme not in ("postgresql", "postgres"):
-            raise ValueError(
-                "must be a postgresql://USER:PASSWORD@HOST:PORT/DB URL (leave it out for SQLite in --data-dir)"
-            )
+        if not is_registry_url(value):
+            raise ValueError(REGISTRY_URL_HELP)
         return value
 
     @model_validator(mode="after")

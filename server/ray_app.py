@@ -85,7 +85,7 @@ from prometheus_client import start_http_server
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deft_runtime.errors import AdapterNotFound, InvalidRequest, PoolExhausted
+from deft_runtime.errors import InvalidRequest, PoolExhausted
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,8 @@ class DeftReplica:
         return AdapterSet(names)
 
     def _warm(self, names: tuple[str, ...]) -> None:
-        registry, pool = self.runtime.registry, self.runtime.pool
-        for name in names:
-            if not registry.exists(name):
-                raise AdapterNotFound(f"no adapter named {name!r} is registered")
+        """Load the set into the pool; an unregistered name fails here (NOT_FOUND, from the registry)."""
+        pool = self.runtime.pool
         try:
             pool.acquire(names)  # loads (registry → host cache → device pages) and pins ...
             pool.release(names)  # ... then unpins: resident until the pool needs the room

@@ -25,13 +25,12 @@ from deft_server.convert import (
     generation_request,
     result_message,
 )
-from deft_server.errors import NotReady, UploadTooLarge, status_code_of, to_status
+from deft_server.errors import NotReady, status_code_of, to_status
 from deft_server.loading import ServingRuntime
 from deft_server.metrics import ServerMetrics
-from deft_server.uploads import UploadFile, validate_name
+from deft_server.uploads import received_upload
 
 from deft_runtime.engine import EventKind, GenerationEvent, RequestHandle
-from deft_runtime.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -181,43 +180,15 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         self, request_iterator: AsyncIterator[adapters_pb2.RegisterAdapterChunk], context: Any
     ) -> adapters_pb2.Adapter:
         registry = self.state.require().registry
-        header = await self._header(request_iterator)
-        upload = await asyncio.to_thread(UploadFile, registry.store.tmp, self.max_upload_bytes)
-        try:
-            async for chunk in request_iterator:
-                if chunk.WhichOneof("chunk") != "data":
-                    raise InvalidRequest("only the first RegisterAdapterChunk may carry the header")
-                await asyncio.to_thread(upload.write, chunk.data)
-            received = await asyncio.to_thread(upload.finish)
-            if header.sha256 and header.sha256.lower() != received.sha256:
-                raise InvalidRequest(
-                    f"the upload's sha256 is {received.sha256}, not {header.sha256} as announced; it was "
-                    "corrupted or truncated in transit"
-                )
-            async with self.state.registrations:
-                fmt = UPLOAD_FORMATS.get(header.format)
-                record = await asyncio.to_thread(
-                    registry.register, header.name, received, fmt, dict(header.metadata)
-                )
-        finally:
-            await asyncio.to_thread(upload.discard)
-        return adapter_message(record, *registry.state(record.name))
-
-    async def _header(
-        self, request_iterator: AsyncIterator[adapters_pb2.RegisterAdapterChunk]
-    ) -> adapters_pb2.AdapterUpload:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("chunk") != "header":
-            raise InvalidRequest("the first RegisterAdapterChunk must carry the header (name and format)")
-        header = first.header
-        validate_name(header.name)
-        self.state.require().registry.check_free(header.name)
-        if header.size_bytes > self.max_upload_bytes:
-            raise UploadTooLarge(
-                f"the upload is {header.size_bytes} bytes, above this server's limit of "
-                f"{self.max_upload_bytes} bytes (start the server with a larger --max-upload-size)"
+        upload = received_upload(
+            request_iterator, registry.store.tmp, self.max_upload_bytes, registry.check_free
+        )
+        async with upload as (header, received), self.state.registrations:
+            fmt = UPLOAD_FORMATS.get(header.format)
+            record = await asyncio.to_thread(
+                registry.register, header.name, received, fmt, dict(header.metadata)
             )
-        return header
+        return adapter_message(record, *registry.state(record.name))
 
     @mapped_errors
     async def ListAdapters(

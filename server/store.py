@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -291,9 +292,6 @@ class SQLiteStore(AdapterStore):
 
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir)
-        import sqlite3
-
-        self._sqlite = sqlite3
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -334,14 +332,12 @@ class SQLiteStore(AdapterStore):
         return int(n)
 
     def commit(self, record: AdapterRecord, received: Path) -> None:
-        if self.find(record.name) is not None:
-            raise exists_error(record.name)
         self._place_blob(received, record.sha256)
         placeholders = ", ".join("?" * len(record.row()))
         try:
             with self._lock, self._db:
                 self._db.execute(f"INSERT INTO adapters ({COLUMNS}) VALUES ({placeholders})", record.row())
-        except self._sqlite.IntegrityError as e:
+        except sqlite3.IntegrityError as e:
             self._discard_unreferenced(record.sha256)
             raise exists_error(record.name) from e
 
@@ -367,19 +363,25 @@ class SQLiteStore(AdapterStore):
         super().close()
 
 
+REGISTRY_URL_HELP = (
+    "give a postgresql://USER:PASSWORD@HOST:PORT/DB URL, or leave it out to use SQLite in --data-dir"
+)
+
+
+def is_registry_url(url: str) -> bool:
+    """Whether ``--registry`` names a backend deft has (PostgreSQL)."""
+    return url.split("://", 1)[0].lower() in ("postgresql", "postgres") if "://" in url else False
+
+
 def open_store(data_dir: Path, registry: str | None = None) -> AdapterStore:
     """The store ``deft serve --data-dir DIR [--registry URL]`` uses."""
-    if registry is None or registry == "":
+    if not registry:
         return SQLiteStore(data_dir)
-    scheme = registry.split("://", 1)[0].lower() if "://" in registry else ""
-    if scheme in ("postgresql", "postgres"):
-        from deft_server.store_postgres import PostgresStore
+    if not is_registry_url(registry):
+        raise StoreError(f"unsupported --registry {redact_url(registry)!r}: {REGISTRY_URL_HELP}")
+    from deft_server.store_postgres import PostgresStore
 
-        return PostgresStore(registry, data_dir)
-    raise StoreError(
-        f"unsupported --registry {redact_url(registry)!r}: give a postgresql://USER:PASSWORD@HOST:PORT/DB "
-        "URL, or leave it out to use SQLite in --data-dir"
-    )
+    return PostgresStore(registry, data_dir)
 
 
 def redact_url(url: str) -> str:

@@ -196,8 +196,6 @@ class PostgresStore(AdapterStore):
         return int(self._run("SELECT count(*) FROM deft_adapters")[0][0])
 
     def commit(self, record: AdapterRecord, received: Path) -> None:
-        if self.find(record.name) is not None:
-            raise exists_error(record.name)
         for attempt in (0, 1):
             try:
                 self._commit_once(record, received)
@@ -233,12 +231,12 @@ class PostgresStore(AdapterStore):
             if row is None:
                 raise not_found(name)
             record = AdapterRecord.from_row(row)
-            conn.execute(
+            orphaned = conn.execute(
                 "DELETE FROM deft_blobs WHERE sha256 = %s "
                 "AND NOT EXISTS (SELECT 1 FROM deft_adapters WHERE sha256 = %s)",
                 (record.sha256, record.sha256),
-            )
-        if not self._run("SELECT 1 FROM deft_blobs WHERE sha256 = %s", (record.sha256,)):
+            ).rowcount
+        if orphaned:
             self.drop_local(record.sha256)
         return record
 

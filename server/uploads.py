@@ -9,15 +9,19 @@ member can land outside that folder, and links, devices and nested paths are ref
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import re
 import tarfile
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from deft_client.proto import adapters_pb2
 from deft_server.errors import UploadTooLarge
 
 from deft_runtime.errors import AdapterFormatError, InvalidRequest
@@ -76,6 +80,45 @@ class UploadFile:
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def received_upload(
+    chunks: AsyncIterator[adapters_pb2.RegisterAdapterChunk],
+    directory: Path,
+    limit: int,
+    check_free: Callable[[str], None],
+) -> AsyncIterator[tuple[adapters_pb2.AdapterUpload, ReceivedFile]]:
+    """Receive a ``RegisterAdapter`` stream: the header (name checked, free, announced size within
+    ``limit``), then the bytes into a size-limited, hashed temporary file under ``directory``, checked
+    against the announced sha256. The file is removed when the block ends (the registry keeps its
+    own copy of what it commits)."""
+    first = await anext(aiter(chunks), None)
+    if first is None or first.WhichOneof("chunk") != "header":
+        raise InvalidRequest("the first RegisterAdapterChunk must carry the header (name and format)")
+    header = first.header
+    validate_name(header.name)
+    await asyncio.to_thread(check_free, header.name)  # may ask a database
+    if header.size_bytes > limit:
+        raise UploadTooLarge(
+            f"the upload is {header.size_bytes} bytes, above this server's limit of {limit} bytes "
+            "(start the server with a larger --max-upload-size)"
+        )
+    upload = await asyncio.to_thread(UploadFile, directory, limit)
+    try:
+        async for chunk in chunks:
+            if chunk.WhichOneof("chunk") != "data":
+                raise InvalidRequest("only the first RegisterAdapterChunk may carry the header")
+            await asyncio.to_thread(upload.write, chunk.data)
+        received = await asyncio.to_thread(upload.finish)
+        if header.sha256 and header.sha256.lower() != received.sha256:
+            raise InvalidRequest(
+                f"the upload's sha256 is {received.sha256}, not {header.sha256} as announced; it was "
+                "corrupted or truncated in transit"
+            )
+        yield header, received
+    finally:
+        await asyncio.to_thread(upload.discard)
 
 
 def is_tar(path: Path) -> bool:

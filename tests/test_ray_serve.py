@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import free_port
 from deft_client import DeftClient, DeftError, Preview, Progress, Queued, Result, Started
 from deft_client.proto import generation_pb2_grpc
 from deft_client.results import decode_png, event_from_message
@@ -46,12 +47,6 @@ SHAPES = {
     "mid_block.attentions.0.transformer_blocks.0.attn2.to_v": (64, 80),
 }
 BASE = dict(prompt="a lighthouse at dusk", steps=4, seed=7)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_pair() -> int:
