@@ -184,6 +184,10 @@ class AdapterStore(ABC):
         """Every registered adapter, by name."""
 
     @abstractmethod
+    def records_page(self, after: str, limit: int) -> list[AdapterRecord]:
+        """At most ``limit`` adapters whose names sort after ``after`` ("" for the first), by name."""
+
+    @abstractmethod
     def find(self, name: str) -> AdapterRecord | None:
         """The adapter registered as ``name`` now, or None."""
 
@@ -319,6 +323,12 @@ class SQLiteStore(AdapterStore):
     def records(self) -> list[AdapterRecord]:
         with self._lock:
             rows = self._db.execute(f"SELECT {COLUMNS} FROM adapters ORDER BY name").fetchall()
+        return [AdapterRecord.from_row(r) for r in rows]
+
+    def records_page(self, after: str, limit: int) -> list[AdapterRecord]:
+        sql = f"SELECT {COLUMNS} FROM adapters WHERE name > ? ORDER BY name LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (after, limit)).fetchall()
         return [AdapterRecord.from_row(r) for r in rows]
 
     def find(self, name: str) -> AdapterRecord | None:

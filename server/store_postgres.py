@@ -188,6 +188,10 @@ class PostgresStore(AdapterStore):
         rows = self._run(f"SELECT {COLUMNS} FROM deft_adapters ORDER BY name")
         return [AdapterRecord.from_row(r) for r in rows]
 
+    def records_page(self, after: str, limit: int) -> list[AdapterRecord]:
+        sql = f"SELECT {COLUMNS} FROM deft_adapters WHERE name > %s ORDER BY name LIMIT %s"
+        return [AdapterRecord.from_row(r) for r in self._run(sql, (after, limit))]
+
     def find(self, name: str) -> AdapterRecord | None:
         rows = self._run(f"SELECT {COLUMNS} FROM deft_adapters WHERE name = %s", (name,))
         return AdapterRecord.from_row(rows[0]) if rows else None

@@ -95,6 +95,20 @@ def test_names_sharing_bytes_keep_them_until_the_last_goes(make_store):
     assert not store.local_blob_path(sha).exists()
 
 
+def test_records_page_walks_every_name_in_order(make_store):
+    store = make_store()
+    names = ["B", "a", "a-1", "a.2", "a_3", "b", "z9"]
+    for name in names:
+        store.commit(_record(name, name.encode()), _upload(store, name.encode()))
+    seen, after = [], ""
+    while page := store.records_page(after, 3):
+        assert len(page) <= 3
+        seen += [r.name for r in page]
+        after = page[-1].name
+    assert seen == [r.name for r in store.records()] and sorted(seen) == sorted(names)
+    assert store.records_page("z9", 3) == [] and store.records_page("", 0) == []
+
+
 # ---------------------------------------------------------------------------- PostgreSQL only
 
 
