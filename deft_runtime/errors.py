@@ -69,3 +69,13 @@ class InvalidRequest(DeftError, ValueError):
 
 class ModelLoadError(DeftError):
     """A base model could not be resolved or loaded."""
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters with the full length said,
+    so user input echoed into an error (names, ids, archive members) never makes it unbounded:
+    ``shorten("x" * 10_000, 16)`` → ``'xxxxxxxx'… (10000 characters)``."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[: max(limit // 2, 8)]!r}… ({len(text)} characters)"
