@@ -24,7 +24,7 @@ from typing import IO
 from deft_client.proto import adapters_pb2
 from deft_server.errors import UploadTooLarge
 
-from deft_runtime.errors import AdapterFormatError, InvalidRequest
+from deft_runtime.errors import AdapterFormatError, InvalidRequest, shorten
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_ARCHIVE_MEMBERS = 16
@@ -35,7 +35,7 @@ def validate_name(name: str) -> str:
     """An adapter name: 1-128 of ``A-Z a-z 0-9 . _ -``, not ``.`` or ``..``."""
     if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
         raise InvalidRequest(
-            f"invalid adapter name {name!r}: use 1-128 letters, digits, '.', '_' or '-' "
+            f"invalid adapter name {shorten(name)}: use 1-128 letters, digits, '.', '_' or '-' "
             "(no spaces or path separators), and not '.' or '..'"
         )
     return name
