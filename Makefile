@@ -5,17 +5,32 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+PIP_SPEC ?= pip==26.3
+# The exact versions tested (every dependency but torch, which TORCH_SPEC pins): `make lock` refreshes it.
+LOCK := requirements.lock
 
-.PHONY: venv test serve lint typecheck clean protos
+.PHONY: venv test serve lint typecheck clean protos lock
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(PIP_SPEC)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
+
+# Re-resolve every dependency to the newest versions pyproject.toml allows, in a throwaway venv, and
+# write them to $(LOCK). Run it, then `make test`, and commit the lock with the change that needed it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(PIP_SPEC)"
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# pip constraints: the versions \`make test\` was run with (\`make lock\` regenerates; torch: TORCH_SPEC)"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch=='; } > $(LOCK)
+	rm -rf .venv-lock
 
 # Triton kernels run on the CPU through Triton's interpreter in the normal suite.
 test: venv

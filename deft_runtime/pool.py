@@ -13,21 +13,63 @@ budget, filled from ``source(name) -> CompiledAdapter``.
 starts their host→device copies on a side CUDA stream; :meth:`ready` says whether the copies are done, so
 a batch that does not need them never waits. Only unpinned adapters are evicted (least recently used
 first); a request whose adapters cannot fit gets :class:`~deft_runtime.errors.PoolExhausted`.
+
+**Versions.** The source names the version (e.g. the sha256 of the registered bytes) an adapter has now;
+each cached copy remembers the version it was loaded at, and :meth:`acquire` reuses a copy only while
+the source still names that version. So a name deleted, or re-registered with other bytes (here or by
+another replica sharing the registry), is reloaded or refused at its next use, and nobody has to evict
+copies from outside to keep the pool correct.
+
+**Locking.** ``_lock`` guards this pool's bookkeeping only and is a leaf: it is never held while calling
+the source (registry look-ups, disk reads, compilation) or any other component, so a slow or blocked
+source never stalls the engine thread, which takes the lock for :meth:`ready` and :meth:`release`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from deft_runtime.compile import CompiledAdapter
-from deft_runtime.errors import AdapterIncompatible, PoolExhausted, UnknownTargetModule
+from deft_runtime.errors import AdapterIncompatible, AdapterNotFound, PoolExhausted, UnknownTargetModule
 from deft_runtime.ops import LayerPages
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class AdapterSource(Protocol):
+    """Where the pool gets compiled adapters (the server's registry, an in-memory table, a benchmark).
+
+    Both methods may block (database, disk, compilation); the pool calls them with no lock held.
+    """
+
+    def version(self, name: str) -> str | None:
+        """The version ``name`` has now (any string that changes when its bytes change), or None when
+        no adapter of that name exists. A look-up only: no side effects."""
+
+    def load(self, name: str) -> tuple[str, CompiledAdapter]:
+        """``name``'s compiled factors and the version they are; raises AdapterNotFound when gone."""
+
+
+class StaticSource:
+    """A source whose adapters never change: ``load(name)`` is ``fn(name)`` and every version is ``"static"``."""
+
+    def __init__(self, fn: Callable[[str], CompiledAdapter]) -> None:
+        self.fn = fn
+
+    def version(self, name: str) -> str | None:
+        return "static"
+
+    def load(self, name: str) -> tuple[str, CompiledAdapter]:
+        return "static", self.fn(name)
 
 
 @dataclass(frozen=True)
@@ -59,6 +101,7 @@ class _HostFactors:
     A: dict[str, torch.Tensor]
     Bt: dict[str, torch.Tensor]
     nbytes: int
+    version: str
 
 
 @dataclass
@@ -66,6 +109,7 @@ class _Resident:
     slot: int
     pages: dict[str, torch.Tensor]  # layer → int64 page ids (host)
     nbytes: int
+    version: str
     pins: int = 0
     ready: torch.cuda.Event | None = None
 
@@ -77,10 +121,11 @@ class AdapterPool:
         self,
         layer_shapes: Mapping[str, tuple[int, int]],
         config: PoolConfig,
-        source: Callable[[str], CompiledAdapter],
+        source: AdapterSource | Callable[[str], CompiledAdapter],
     ) -> None:
         self.config = config
-        self.source = source
+        #: a plain callable is a source whose adapters never change (tests, benchmarks)
+        self.source: AdapterSource = source if isinstance(source, AdapterSource) else StaticSource(source)
         self.layer_shapes = dict(layer_shapes)
         elem = torch.empty((), dtype=config.dtype).element_size()
         self.page_bytes = sum(d_out + d_in for d_out, d_in in layer_shapes.values()) * elem
@@ -106,7 +151,7 @@ class AdapterPool:
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
         self._host: OrderedDict[str, _HostFactors] = OrderedDict()
         self._host_bytes = 0
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # a leaf: see the module docstring
         self._stream = torch.cuda.Stream(device=config.device) if config.device.type == "cuda" else None
         self.stats = PoolStats()
 
@@ -115,17 +160,18 @@ class AdapterPool:
     def acquire(self, names: Iterable[str]) -> dict[str, int]:
         """Pin ``names`` for one request and make them resident; returns name → slot.
 
-        All-or-nothing: on :class:`PoolExhausted` no pin is left behind.
+        All-or-nothing: on any error (:class:`PoolExhausted`, :class:`AdapterNotFound`, …) no pin is
+        left behind. Blocks on the source for adapters not cached at their current version.
         """
         acquired: list[str] = []
-        with self._lock:
-            try:
-                for name in dict.fromkeys(names):
-                    self._make_resident(name).pins += 1
-                    acquired.append(name)
-            except BaseException:
-                self.release(acquired)
-                raise
+        try:
+            for name in dict.fromkeys(names):
+                self._pin(name)
+                acquired.append(name)
+        except BaseException:
+            self.release(acquired)
+            raise
+        with self._lock:  # pinned adapters are never evicted, so their slots are stable
             return {name: self._resident[name].slot for name in acquired}
 
     def release(self, names: Iterable[str]) -> None:
@@ -159,9 +205,7 @@ class AdapterPool:
                         f"adapter {name!r} is in use by {res.pins} request(s) and cannot be evicted"
                     )
                 self._evict_device(name)
-            host = self._host.pop(name, None)
-            if host is not None:
-                self._host_bytes -= host.nbytes
+            self._drop_host(name)
 
     def slot_of(self, name: str) -> int:
         return self._resident[name].slot
@@ -186,38 +230,76 @@ class AdapterPool:
 
     # ------------------------------------------------------------------ tiers
 
-    def _make_resident(self, name: str) -> _Resident:
-        res = self._resident.get(name)
-        if res is not None:
-            self._resident.move_to_end(name)
-            self.stats.hits += 1
-            return res
-        self.stats.misses += 1
-        host = self._host_factors(name)
-        need = {layer: int(a.shape[0]) for layer, a in host.A.items()}
-        self._make_room(name, need)
-        return self._copy_to_device(name, host, need)
+    def _pin(self, name: str) -> None:
+        """Pin one adapter at the version the source names now (loading it, with no lock held, if needed)."""
+        version = self.source.version(name)
+        if version is None:
+            raise AdapterNotFound(f"no adapter named {name!r} is registered")
+        with self._lock:
+            if self._pin_resident(name, version):
+                return
+            host = self._host_hit(name, version)
+        if host is None:
+            loaded_version, compiled = self.source.load(name)
+            host = self._to_host(name, compiled, loaded_version)
+        with self._lock:
+            self._remember_host(name, host)
+            if self._pin_resident(name, host.version, count=False):  # made resident by another thread
+                return
+            need = {layer: int(a.shape[0]) for layer, a in host.A.items()}
+            self._make_room(name, need)
+            self._copy_to_device(name, host, need).pins += 1
 
-    def _host_factors(self, name: str) -> _HostFactors:
+    def _pin_resident(self, name: str, version: str, *, count: bool = True) -> bool:
+        """Pin the resident copy of ``name`` if it is that version (or pinned: in-flight requests keep the
+        bytes they started with); drop an unpinned copy of another version. Caller holds the lock."""
+        res = self._resident.get(name)
+        if res is not None and res.version != version and res.pins == 0:
+            self._evict_device(name)
+            res = None
+        if res is None:
+            self.stats.misses += count
+            return False
+        if res.version != version:
+            log.warning(
+                "adapter %r changed while requests use it; they keep the copy they started with", name
+            )
+        self._resident.move_to_end(name)
+        self.stats.hits += count
+        res.pins += 1
+        return True
+
+    def _host_hit(self, name: str, version: str) -> _HostFactors | None:
         host = self._host.get(name)
-        if host is not None:
-            self._host.move_to_end(name)
-            return host
-        compiled = self.source(name)
-        host = self._to_host(name, compiled)
+        if host is None:
+            return None
+        if host.version != version:
+            self._drop_host(name)
+            return None
+        self._host.move_to_end(name)
+        return host
+
+    def _remember_host(self, name: str, host: _HostFactors) -> None:
+        """Put ``host`` in the host LRU (replacing another version of ``name``) and keep its budget."""
+        if self._host.get(name) is host:
+            return
+        self._drop_host(name)
         self._host[name] = host
         self._host_bytes += host.nbytes
         self.stats.loads["host"] += 1
         while self._host_bytes > self.config.host_bytes and len(self._host) > 1:
-            oldest, dropped = next(iter(self._host.items()))
+            oldest = next(iter(self._host))
             if oldest == name:
                 break
-            del self._host[oldest]
-            self._host_bytes -= dropped.nbytes
+            self._drop_host(oldest)
             self.stats.evictions["host"] += 1
-        return host
 
-    def _to_host(self, name: str, compiled: CompiledAdapter) -> _HostFactors:
+    def _drop_host(self, name: str) -> None:
+        host = self._host.pop(name, None)
+        if host is not None:
+            self._host_bytes -= host.nbytes
+
+    def _to_host(self, name: str, compiled: CompiledAdapter, version: str) -> _HostFactors:
         pin = self.config.device.type == "cuda"
         A, Bt = {}, {}
         for layer, f in compiled.factors.items():
@@ -235,7 +317,7 @@ class AdapterPool:
             bt = f.B.T.to(self.config.dtype).contiguous()
             A[layer], Bt[layer] = (a.pin_memory(), bt.pin_memory()) if pin else (a, bt)
         nbytes = sum(t.numel() * t.element_size() for t in (*A.values(), *Bt.values()))
-        return _HostFactors(A=A, Bt=Bt, nbytes=nbytes)
+        return _HostFactors(A=A, Bt=Bt, nbytes=nbytes, version=version)
 
     def _make_room(self, name: str, need: Mapping[str, int]) -> None:
         def fits() -> bool:
@@ -289,7 +371,7 @@ class AdapterPool:
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
-        res = _Resident(slot=slot, pages=pages, nbytes=host.nbytes, ready=event)
+        res = _Resident(slot=slot, pages=pages, nbytes=host.nbytes, version=host.version, ready=event)
         self._resident[name] = res
         self.stats.loads["device"] += 1
         return res

@@ -11,25 +11,59 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from deft_runtime.adapter import Adapter
+from deft_runtime.base_view import BaseView
 from deft_runtime.batch import AdapterBatch
-from deft_runtime.compile import CompiledAdapter, compile_adapter
-from deft_runtime.errors import AdapterNotFound, InvalidRequest, UnknownTargetModule
-from deft_runtime.layers import DEFAULT_TARGETS, MultiAdapterLinear, find_targets, inject_adapters
+from deft_runtime.compile import CompiledAdapter
+from deft_runtime.errors import AdapterNotFound, InvalidRequest, PoolExhausted
+from deft_runtime.layers import DEFAULT_TARGETS, MultiAdapterLinear, inject_adapters
 from deft_runtime.ops import BackendName, make_ops
-from deft_runtime.pool import AdapterPool, PoolConfig
+from deft_runtime.pool import AdapterPool, AdapterSource, PoolConfig
 
 #: A row's adapters by name: ``[(name, weight), ...]``.
 NamedRow = Sequence[tuple[str, float]]
 
 
+class InMemoryAdapters:
+    """The default pool source: compiled adapters kept in a dict by :meth:`MultiAdapterModel.register`.
+
+    Each registration of a name gets a new version, so the pool never serves a replaced adapter.
+    """
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, tuple[str, CompiledAdapter]] = {}
+        self._registrations = itertools.count()
+
+    def put(self, name: str, compiled: CompiledAdapter) -> None:
+        self._compiled[name] = (str(next(self._registrations)), compiled)
+
+    def pop(self, name: str) -> None:
+        self._compiled.pop(name, None)
+
+    def version(self, name: str) -> str | None:
+        entry = self._compiled.get(name)
+        return None if entry is None else entry[0]
+
+    def load(self, name: str) -> tuple[str, CompiledAdapter]:
+        try:
+            return self._compiled[name]
+        except KeyError:
+            raise AdapterNotFound(f"no adapter named {name!r} is registered") from None
+
+
 class MultiAdapterModel:
-    """Wraps a denoiser's target Linears in place and serves per-row adapters through one pool."""
+    """Wraps a denoiser's target Linears in place and serves per-row adapters through one pool.
+
+    ``base`` is the :class:`BaseView` of the same denoiser (built here from ``targets`` when not given);
+    ``source`` is where the pool loads adapters from (the server's registry), else adapters registered
+    in memory with :meth:`register`.
+    """
 
     def __init__(
         self,
@@ -37,31 +71,22 @@ class MultiAdapterModel:
         *,
         pool_config: PoolConfig,
         targets: Sequence[str] = DEFAULT_TARGETS,
+        base: BaseView | None = None,
         backend: BackendName = "auto",
         max_rows: int = 64,
         max_adapters_per_row: int = 4,
-        source: Callable[[str], CompiledAdapter] | None = None,
-        exists: Callable[[str], bool] | None = None,
+        source: AdapterSource | None = None,
     ) -> None:
         self.denoiser = denoiser
-        found = find_targets(denoiser, targets)
-        if not found:
-            raise UnknownTargetModule(
-                f"no nn.Linear in the denoiser matches the target patterns {list(targets)}"
-            )
-        self.target_patterns = tuple(targets)
+        self.base = base if base is not None else BaseView(denoiser, targets)
+        self.target_patterns = self.base.target_patterns
         #: base weights of the wrapped layers (views of the denoiser's own parameters, never modified)
-        self.base_weights = {name: lin.weight for name, lin in found.items()}
-        self._all_linears = {name for name, m in denoiser.named_modules() if isinstance(m, nn.Linear)}
-        self._compiled: dict[str, CompiledAdapter] = {}
-        self._exists = exists if exists is not None else self._compiled.__contains__
-        self.pool = AdapterPool(
-            {name: (int(w.shape[0]), int(w.shape[1])) for name, w in self.base_weights.items()},
-            pool_config,
-            source or self._compiled_source,
-        )
-        self.batch = AdapterBatch(max_rows, max_adapters_per_row, device=pool_config.device)
+        self.base_weights = self.base.base_weights
+        self._memory = InMemoryAdapters()
+        self.source: AdapterSource = source if source is not None else self._memory
+        self.pool = AdapterPool(self.base.layer_shapes, pool_config, self.source)
         self.ops = make_ops(backend, pool_config.device)
+        self.batch = AdapterBatch(max_rows, max_adapters_per_row, device=pool_config.device, backend=self.ops)
         self.layers: dict[str, MultiAdapterLinear] = inject_adapters(
             denoiser, self.pool.layers, self.batch, self.ops
         )
@@ -70,20 +95,10 @@ class MultiAdapterModel:
 
     def check_targets(self, adapter: Adapter) -> None:
         """Reject adapters that touch layers outside the wrapped set, saying which and why."""
-        outside = [n for n in adapter.layers if n not in self.base_weights]
-        if not outside:
-            return
-        name = outside[0]
-        if name in self._all_linears:
-            raise UnknownTargetModule(
-                f"the adapter targets {name!r} ({len(outside)} layers outside the wrapped set); this server wraps "
-                f"layers matching {list(self.target_patterns)}. Restart it with target patterns that include them."
-            )
-        compile_adapter(adapter, self.base_weights)  # raises UnknownTargetModule with the closest name
+        self.base.check_targets(adapter)
 
     def compile(self, adapter: Adapter, *, max_rank: int | None = None) -> CompiledAdapter:
-        self.check_targets(adapter)
-        return compile_adapter(adapter, self.base_weights, max_rank=max_rank)
+        return self.base.compile(adapter, max_rank=max_rank)
 
     def register(
         self, name: str, adapter: Adapter | CompiledAdapter, *, max_rank: int | None = None
@@ -92,24 +107,18 @@ class MultiAdapterModel:
         compiled = (
             adapter if isinstance(adapter, CompiledAdapter) else self.compile(adapter, max_rank=max_rank)
         )
-        if name in self._compiled:
+        self._memory.put(name, compiled)
+        with contextlib.suppress(PoolExhausted):  # pinned: in-flight rows keep the old copy
             self.pool.evict(name)
-        self._compiled[name] = compiled
         return compiled
 
     def unregister(self, name: str) -> None:
         self.pool.evict(name)
-        self._compiled.pop(name, None)
+        self._memory.pop(name)
 
     def has_adapter(self, name: str) -> bool:
-        """Whether ``name`` can be served (registered here, or known to the external source)."""
-        return self._exists(name)
-
-    def _compiled_source(self, name: str) -> CompiledAdapter:
-        try:
-            return self._compiled[name]
-        except KeyError:
-            raise AdapterNotFound(f"no adapter named {name!r} is registered") from None
+        """Whether ``name`` can be served (a look-up in the source; no side effects)."""
+        return self.source.version(name) is not None
 
     # ------------------------------------------------------------------ per-forward mapping
 

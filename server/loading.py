@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from deft_server.config import ServerSettings
+from deft_server.errors import AdapterInUse
 from deft_server.metrics import ServerMetrics
-from deft_server.registry import AdapterRegistry
+from deft_server.registry import AdapterRegistry, AdapterState
 from deft_server.store import AdapterStore, open_store
 
-from deft_runtime.compile import CompiledAdapter
+from deft_runtime.base_view import BaseView
 from deft_runtime.engine import Engine
+from deft_runtime.errors import PoolExhausted, shorten
 from deft_runtime.models import denoiser_of, load_pipeline
 from deft_runtime.pool import AdapterPool, PoolConfig
 from deft_runtime.runtime import MultiAdapterModel
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServingRuntime:
-    """The loaded model and everything bound to it."""
+    """The loaded model and everything bound to it, composed: the registry and the adapter pool do not
+    know each other (the pool's source is the registry), so questions about both are answered here."""
 
     model_name: str
     pipe: Any
@@ -47,25 +51,27 @@ class ServingRuntime:
     def pool(self) -> AdapterPool:
         return self.model.pool
 
+    def adapter_state(self, name: str) -> tuple[AdapterState, str]:
+        state, reason = self.registry.state(name)
+        if state is AdapterState.READY and self.pool.is_resident(name):
+            return AdapterState.RESIDENT, ""
+        return state, reason
+
+    def delete_adapter(self, name: str) -> None:
+        """Unregister ``name``; refused while requests on this replica run with it (other replicas stop
+        serving it at their next request for it). The pool's copy is dropped if nothing pinned it
+        meanwhile, else it is refused at its next use (the pool checks versions)."""
+        if self.pool.pins(name):
+            raise AdapterInUse(
+                f"adapter {shorten(name)} is in use by running requests; delete it once they have finished"
+            )
+        self.registry.delete(name)
+        with contextlib.suppress(PoolExhausted):
+            self.pool.evict(name)
+
     def close(self) -> None:
         self.engine.shutdown()
         self.registry.store.close()
-
-
-class RegistryLink:
-    """The model's adapter source. The model needs the registry to load adapters and the registry needs
-    the model to compile them, so the model gets this link, which is bound once the registry exists."""
-
-    def __init__(self) -> None:
-        self.registry: AdapterRegistry | None = None
-
-    def load(self, name: str) -> CompiledAdapter:
-        if self.registry is None:
-            raise RuntimeError("the adapter registry is not open yet")
-        return self.registry.load_compiled(name)
-
-    def exists(self, name: str) -> bool:
-        return self.registry is not None and self.registry.exists(name)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +106,17 @@ def _load(settings: ServerSettings, metrics: ServerMetrics, store: AdapterStore)
     dtype = resolve_dtype(settings.dtype, device)
     log.info("loading model %r on %s (%s)", settings.model, device, str(dtype).removeprefix("torch."))
     pipe = load_pipeline(settings.model, torch_dtype=dtype, device=device, cache_dir=settings.cache_dir)
-    link = RegistryLink()
+    denoiser = denoiser_of(pipe)
+    base = BaseView(denoiser)
+    unet = getattr(pipe, "unet", None)
+    registry = AdapterRegistry(
+        store,
+        base,
+        read_limits=settings.read_limits(),
+        max_rank=settings.max_rank,
+        unet_config=dict(unet.config) if unet is not None else None,
+        on_load=metrics.adapter_loaded,
+    )
     pool = PoolConfig(
         device_bytes=int(settings.adapter_memory),
         host_bytes=int(settings.adapter_host_memory),
@@ -110,22 +126,13 @@ def _load(settings: ServerSettings, metrics: ServerMetrics, store: AdapterStore)
         device=device,
     )
     model = MultiAdapterModel(
-        denoiser_of(pipe),
+        denoiser,
+        base=base,
         pool_config=pool,
         backend=settings.backend,
         max_rows=settings.max_batch_rows,
         max_adapters_per_row=settings.max_adapters_per_request,
-        source=link.load,
-        exists=link.exists,
-    )
-    unet = getattr(pipe, "unet", None)
-    link.registry = AdapterRegistry(
-        store,
-        model,
-        read_limits=settings.read_limits(),
-        max_rank=settings.max_rank,
-        unet_config=dict(unet.config) if unet is not None else None,
-        on_load=metrics.adapter_loaded,
+        source=registry,
     )
     engine = Engine(pipe, model, settings.engine_config(), observer=metrics, device=device, dtype=dtype)
-    return ServingRuntime(settings.model, pipe, model, link.registry, engine)
+    return ServingRuntime(settings.model, pipe, model, registry, engine)

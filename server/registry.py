@@ -8,21 +8,19 @@ Registration (blocking; the service runs it on a worker thread)::
 
 The index lives in an :class:`~deft_server.store.AdapterStore`: SQLite in ``--data-dir``, or
 PostgreSQL shared by every replica (``--registry``). The registry never trusts a memory of the index:
-whether a name exists is asked of the store at each request, so an adapter registered or deleted by
-another replica is seen at once. What it remembers is which bytes each name had when this process last
-used it, so a name deleted or re-registered elsewhere is evicted from the local pool.
+which bytes a name has is asked of the store at each acquire (the pool compares that version with its
+copy), so an adapter registered, deleted or replaced by another replica is seen at its next use.
 
 The compiled factors are cached per (upload sha256, base digest), where the base digest hashes the
 wrapped base weights themselves, so a restart on the same base reuses them and a restart on another
 base recompiles (adapters that no longer fit are reported INCOMPATIBLE instead of vanishing).
-:meth:`AdapterRegistry.load_compiled` and :meth:`AdapterRegistry.exists` are what the
-:class:`~deft_runtime.runtime.MultiAdapterModel` calls as its ``source`` and ``exists``.
+:meth:`AdapterRegistry.version` and :meth:`AdapterRegistry.load` make it the adapter pool's source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import hashlib
 import logging
 import tempfile
 import threading
@@ -31,18 +29,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from deft_server.errors import AdapterInUse
 from deft_server.store import AdapterRecord, AdapterStore, exists_error
 from deft_server.uploads import ReceivedFile, extract_archive, is_tar, validate_name
 
 from deft_runtime.adapter import Adapter
+from deft_runtime.base_view import BaseView
 from deft_runtime.compile import CompiledAdapter
-from deft_runtime.errors import AdapterIncompatible, InvalidAdapter, PoolExhausted
+from deft_runtime.errors import AdapterIncompatible, InvalidAdapter
 from deft_runtime.formats import ReadLimits, load_adapter
 from deft_runtime.formats.native import is_native
 from deft_runtime.formats.safetensors_io import read_header
-from deft_runtime.runtime import MultiAdapterModel
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +54,22 @@ class AdapterState(enum.StrEnum):
     INCOMPATIBLE = "incompatible"
 
 
-def base_digest(weights: Mapping[str, torch.Tensor]) -> str:
-    """A hash of the wrapped base weights (names, shapes and float32 values): compiled factors depend on them."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        w = weights[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(w.shape)}\n".encode())
-        digest.update(w.numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
 class AdapterRegistry:
-    """Registered adapters of one server: a view over :class:`AdapterStore` bound to the served model."""
+    """Registered adapters of one server: a view over :class:`AdapterStore` bound to the served base.
+
+    It is the adapter pool's :class:`~deft_runtime.pool.AdapterSource` (``version`` / ``load``) and
+    knows nothing of the pool: the pool checks versions itself, and whoever composes the two (the
+    server's :class:`~deft_server.loading.ServingRuntime`) asks the pool about pins and residency.
+
+    Locking: ``_lock`` guards the ``_incompatible`` memo only and is a leaf (no store call, no call
+    out, while it is held); the store has its own leaf lock. Nothing here runs under a lock that the
+    engine thread takes.
+    """
 
     def __init__(
         self,
         store: AdapterStore,
-        model: MultiAdapterModel,
+        base: BaseView,
         *,
         read_limits: ReadLimits,
         max_rank: int,
@@ -82,14 +77,13 @@ class AdapterRegistry:
         on_load: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.store = store
-        self.model = model
+        self.base = base
         self.read_limits = read_limits
         self.max_rank = max_rank
         self.unet_config = unet_config
         self.on_load = on_load
-        self.base_digest = base_digest(model.base_weights)
-        self._lock = threading.Lock()  # serializes commits, deletions and the memo below
-        self._seen: dict[str, str] = {}  # name → sha256 this process last served under that name
+        self.base_digest = base.digest
+        self._lock = threading.Lock()
         self._incompatible: dict[str, tuple[str, str]] = {}  # name → (sha256, why it does not fit)
         self._prepare()
 
@@ -124,40 +118,26 @@ class AdapterRegistry:
             len(self._incompatible),
         )
 
-    # ------------------------------------------------------------------ the model's view
+    # ------------------------------------------------------------------ the pool's source
+
+    def version(self, name: str) -> str | None:
+        """The sha256 registered as ``name`` now (asked of the store: another replica may have changed
+        it), or None. A look-up only."""
+        record = self.store.find(name)
+        return None if record is None else record.sha256
 
     def exists(self, name: str) -> bool:
-        """Whether ``name`` is registered now (asked of the store: another replica may have changed it)."""
-        record = self.store.find(name)
-        self._observe(name, record)
-        return record is not None
+        return self.version(name) is not None
 
-    def _observe(self, name: str, record: AdapterRecord | None) -> None:
-        """Drop local copies of ``name`` when the store now has other bytes (or none) under it."""
-        sha = record.sha256 if record is not None else None
-        with self._lock:
-            before = self._seen.get(name)
-            if sha is None:
-                self._seen.pop(name, None)
-            else:
-                self._seen[name] = sha
-            incompatible = self._incompatible.get(name)
-            if incompatible is not None and incompatible[0] != sha:
-                del self._incompatible[name]
-        if before is not None and before != sha:
-            try:
-                self.model.pool.evict(name)
-                log.info("adapter %r changed in the registry; evicted the local copy", name)
-            except PoolExhausted:
-                log.warning("adapter %r changed in the registry while requests use it; evicting later", name)
-
-    def load_compiled(self, name: str) -> CompiledAdapter:
-        """The pool's source: compiled factors from the local cache (called on the engine's loader thread)."""
+    def load(self, name: str) -> tuple[str, CompiledAdapter]:
+        """Compiled factors of ``name`` from the local cache, compiled on a miss (blocking: the engine's
+        loader thread calls this with no lock held)."""
         start = time.perf_counter()
         record = self.store.get(name)
-        self._observe(name, record)
-        if name in self._incompatible:
-            raise AdapterIncompatible(f"adapter {name!r}: {self._incompatible[name][1]}")
+        with self._lock:
+            incompatible = self._incompatible.get(name)
+        if incompatible is not None and incompatible[0] == record.sha256:
+            raise AdapterIncompatible(f"adapter {name!r}: {incompatible[1]}")
         compiled = self.store.load_compiled(record.sha256, self.base_digest)
         if compiled is None:  # not compiled for this base yet (or the cache file went missing)
             try:
@@ -168,7 +148,10 @@ class AdapterRegistry:
                 raise AdapterIncompatible(f"adapter {name!r}: {e}") from e
             self.store.save_compiled(record.sha256, self.base_digest, compiled)
         self.on_load(time.perf_counter() - start)
-        return compiled
+        return record.sha256, compiled
+
+    def load_compiled(self, name: str) -> CompiledAdapter:
+        return self.load(name)[1]
 
     # ------------------------------------------------------------------ registration
 
@@ -177,6 +160,7 @@ class AdapterRegistry:
     ) -> AdapterRecord:
         """Validate and compile ``upload``, then commit it atomically under ``name``."""
         validate_name(name)
+        self.store.check()  # never accept a registration into a registry that has gone away
         self.check_free(name)
         fmt = upload_format or (UploadFormat.PEFT_TAR if is_tar(upload.path) else UploadFormat.SAFETENSORS)
         with tempfile.TemporaryDirectory(dir=self.store.tmp) as work:
@@ -195,10 +179,19 @@ class AdapterRegistry:
             compiled_bytes=compiled.nbytes,
             metadata=dict(metadata),
         )
+        # both steps are safe to race: the compiled cache is content-addressed and written atomically,
+        # and the store's commit is the one place a name is taken (AdapterExists if it lost the race);
+        # the claim keeps other processes' garbage collection off these files until the row exists
+        with self.store.claim(record.sha256):
+            try:
+                self.store.save_compiled(record.sha256, self.base_digest, compiled)
+                self.store.commit(record, upload.path)
+            except BaseException:
+                with contextlib.suppress(Exception):  # else the next start collects them
+                    self.store.drop_unreferenced(record.sha256)
+                raise
         with self._lock:
-            self.store.save_compiled(record.sha256, self.base_digest, compiled)
-            self.store.commit(record, upload.path)
-        self._observe(name, record)
+            self._incompatible.pop(name, None)
         log.info("registered adapter %r: %s", name, adapter.describe())
         return record
 
@@ -213,7 +206,7 @@ class AdapterRegistry:
 
     def _compile(self, name: str, adapter: Adapter) -> CompiledAdapter:
         log.info("compiling adapter %r against the base model", name)
-        return self.model.compile(adapter, max_rank=self.max_rank)
+        return self.base.compile(adapter, max_rank=self.max_rank)
 
     def _compile_blob(self, record: AdapterRecord) -> CompiledAdapter:
         with tempfile.TemporaryDirectory(dir=self.store.tmp) as work:
@@ -234,27 +227,21 @@ class AdapterRegistry:
         return self.store.count()
 
     def state(self, name: str) -> tuple[AdapterState, str]:
-        if name in self._incompatible:
-            return AdapterState.INCOMPATIBLE, self._incompatible[name][1]
-        if self.model.pool.is_resident(name):
-            return AdapterState.RESIDENT, ""
+        """READY or INCOMPATIBLE (with why); whether it is also resident is the pool's to say."""
+        with self._lock:
+            incompatible = self._incompatible.get(name)
+        if incompatible is not None:
+            return AdapterState.INCOMPATIBLE, incompatible[1]
         return AdapterState.READY, ""
 
-    def delete(self, name: str) -> None:
-        """Unregister ``name``: refused while requests on this replica run with it. Other replicas stop
-        serving it at their next request for it."""
+    def delete(self, name: str) -> AdapterRecord:
+        """Unregister ``name``. Copies in adapter pools (here or on other replicas) are not touched: they
+        are refused at their next use, since the pool checks the version at every acquire."""
+        record = self.store.remove(name)
         with self._lock:
-            self.store.get(name)
-            try:
-                self.model.pool.evict(name)
-            except PoolExhausted as e:
-                raise AdapterInUse(
-                    f"adapter {name!r} is in use by running requests; delete it once they have finished"
-                ) from e
-            self.store.remove(name)
-            self._seen.pop(name, None)
             self._incompatible.pop(name, None)
         log.info("deleted adapter %r", name)
+        return record
 
 
 def _source_format(path: Path, fmt: UploadFormat, adapter: Adapter) -> str:

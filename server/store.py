@@ -27,6 +27,8 @@ registry written by a newer deft is refused rather than misread.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from deft_server.errors import AdapterExists
+from deft_server.errors import AdapterExists, RegistryUnavailable
 
 from deft_runtime.adapter import AdapterKind, BaseFingerprint
 from deft_runtime.compile import CompiledAdapter, LowRankFactors
@@ -81,9 +83,10 @@ COLUMNS = (
     "size_bytes, compiled_bytes, metadata, created_at"
 )
 _COMPILED_FORMAT = "deft.compiled"
-#: bytes nobody references are kept this long before garbage collection, so a blob that another
-#: process has just put in place (its row not yet committed) is never collected under it
-ORPHAN_GRACE_S = 3600.0
+#: bytes kept free in ``--data-dir`` (a file released when the disk is full), so deleting adapters, which
+#: needs a little space for SQLite's journal, works on a full disk and frees the space
+RESERVE_BYTES = 1 << 20
+RESERVE_NAME = ".space-reserve"
 
 
 class StoreError(DeftError):
@@ -169,8 +172,13 @@ class AdapterStore(ABC):
         for folder in (self.blobs, self.compiled, tmp_root):
             folder.mkdir(parents=True, exist_ok=True)
         _clear_abandoned_tmp(tmp_root)
+        self.tmp_root = tmp_root
         self.tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp.mkdir()
+        self._claims = tmp_root / f"{self.tmp.name}.claims"  # beside tmp: uploads stay alone in there
+        self._claims.mkdir()
+        self._reserve = self.root / RESERVE_NAME
+        self.ensure_reserve()
 
     @property
     @abstractmethod
@@ -204,13 +212,59 @@ class AdapterStore(ABC):
         """Unregister ``name`` and drop its bytes unless another name shares them."""
 
     @abstractmethod
+    def references(self, sha256: str) -> bool:
+        """Whether any registered adapter has the bytes ``sha256``."""
+
+    @abstractmethod
     def blob_path(self, sha256: str) -> Path:
         """A local file holding the uploaded bytes ``sha256`` (fetched into the cache if needed)."""
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self._claims, ignore_errors=True)
+
+    def check(self) -> None:
+        """Raise :class:`RegistryUnavailable` when the index cannot be used now (health probes this)."""
+        self.count()
 
     # ------------------------------------------------------------------ shared helpers
+
+    @contextlib.contextmanager
+    def claim(self, sha256: str) -> Iterator[None]:
+        """Mark the files of ``sha256`` as being written by this process until its row is committed, so
+        another process's garbage collection (at its start) leaves them alone; unclaimed files that no row
+        names are orphans and are removed at once."""
+        marker = self._claims / sha256
+        marker.touch()
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def ensure_reserve(self) -> None:
+        """Keep :data:`RESERVE_BYTES` set aside (best effort: on a full disk it is made later)."""
+        if self._reserve.is_file() and self._reserve.stat().st_size >= RESERVE_BYTES:
+            return
+        try:
+            with self._reserve.open("wb") as f:
+                f.write(bytes(RESERVE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
+
+    def release_reserve(self) -> bool:
+        """Free the reserved bytes (the disk is full); whether there were any."""
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning(
+            "the disk of %s is full: released %d reserved bytes to complete a deletion",
+            self.root,
+            RESERVE_BYTES,
+        )
+        return True
 
     def get(self, name: str) -> AdapterRecord:
         record = self.find(name)
@@ -232,6 +286,11 @@ class AdapterStore(ABC):
             _fsync_dir(target.parent)
         return target
 
+    def drop_unreferenced(self, sha256: str) -> None:
+        """Drop this process's files of ``sha256`` unless a registered adapter still has those bytes."""
+        if not self.references(sha256):
+            self.drop_local(sha256)
+
     def drop_local(self, sha256: str) -> None:
         """Forget this process's cached bytes and compiled factors of ``sha256``."""
         self.local_blob_path(sha256).unlink(missing_ok=True)
@@ -239,18 +298,32 @@ class AdapterStore(ABC):
             compiled.unlink(missing_ok=True)
 
     def collect_garbage(self) -> None:
-        """Delete local bytes and compiled files that no registered adapter names (after a grace
-        period, so files another process is about to commit are left alone)."""
-        wanted = {r.sha256 for r in self.records()}
-        cutoff = time.time() - ORPHAN_GRACE_S
-        for path in [*self.blobs.glob("*/*"), *self.compiled.glob("*/*.safetensors")]:
-            if path.name.removesuffix(".safetensors") in wanted:
-                continue
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink(missing_ok=True)
-            except FileNotFoundError:
-                continue
+        """Delete local bytes and compiled files that no registered adapter names and no running process
+        is writing (a crash mid-registration leaves such orphans; they are removed at the next start).
+
+        The order makes it safe against processes registering meanwhile: files are listed first, then
+        the claims of running processes, then the rows. A file written after the listing is not seen; a
+        file seen was claimed before it was written, and its claim is dropped only after its row exists.
+        """
+        files = [*self.blobs.glob("*/*"), *self.compiled.glob("*/*.safetensors")]
+        partial = list(self.compiled.glob("*/.*.tmp-*"))  # atomic writes cut short by a crash
+        wanted = self._claimed() | {r.sha256 for r in self.records()}
+        removed = 0
+        for path in files:
+            if path.name.removesuffix(".safetensors") not in wanted:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for path in partial:
+            pid = path.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and _alive(int(pid))):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d orphan file(s) from %s", removed, self.root)
+
+    def _claimed(self) -> set[str]:
+        """sha256s that running processes (this one included) are registering now."""
+        return {marker.name for marker in self.tmp_root.glob("*.claims/*")}
 
     # ------------------------------------------------------------------ compiled factors (local cache)
 
@@ -297,9 +370,11 @@ class SQLiteStore(AdapterStore):
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "registry.sqlite3", check_same_thread=False, timeout=30)
+        self._path = self.root / "registry.sqlite3"
+        self._db = sqlite3.connect(self._path, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._identity = _file_identity(self._path)
         self._migrate()
         self.collect_garbage()
 
@@ -341,28 +416,59 @@ class SQLiteStore(AdapterStore):
             (n,) = self._db.execute("SELECT count(*) FROM adapters").fetchone()
         return int(n)
 
+    def check(self) -> None:
+        """The database file must still be the one opened (not removed or replaced) and readable."""
+        try:
+            identity = _file_identity(self._path)
+        except FileNotFoundError:
+            raise RegistryUnavailable(
+                f"the registry database {self._path} was removed while the server ran; registrations are "
+                "refused so that none is lost: restore the file and restart the server"
+            ) from None
+        if identity != self._identity:
+            raise RegistryUnavailable(
+                f"the registry database {self._path} was replaced while the server ran; restart the server"
+            )
+        try:
+            with self._lock:
+                self._db.execute("SELECT name FROM adapters LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:
+            raise RegistryUnavailable(f"the registry database {self._path} is unreadable: {e}") from e
+
     def commit(self, record: AdapterRecord, received: Path) -> None:
-        self._place_blob(received, record.sha256)
         placeholders = ", ".join("?" * len(record.row()))
         try:
+            self._place_blob(received, record.sha256)
             with self._lock, self._db:
                 self._db.execute(f"INSERT INTO adapters ({COLUMNS}) VALUES ({placeholders})", record.row())
         except sqlite3.IntegrityError as e:
-            self._discard_unreferenced(record.sha256)
+            self.drop_unreferenced(record.sha256)
             raise exists_error(record.name) from e
+        except BaseException:
+            with contextlib.suppress(Exception):  # else the next start collects them
+                self.drop_unreferenced(record.sha256)
+            raise
 
     def remove(self, name: str) -> AdapterRecord:
         record = self.get(name)
-        with self._lock, self._db:
-            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
-        self._discard_unreferenced(record.sha256)
+        try:
+            self._delete_row(name)
+        except sqlite3.OperationalError as e:
+            if not (_is_disk_full(e) and self.release_reserve()):
+                raise
+            self._delete_row(name)  # with the reserved bytes free
+        self.drop_unreferenced(record.sha256)
+        self.ensure_reserve()
         return record
 
-    def _discard_unreferenced(self, sha256: str) -> None:
+    def _delete_row(self, name: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+
+    def references(self, sha256: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
-        if row is None:
-            self.drop_local(sha256)
+        return row is not None
 
     def blob_path(self, sha256: str) -> Path:
         return self.local_blob_path(sha256)
@@ -445,6 +551,20 @@ def _clear_abandoned_tmp(tmp_root: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _is_disk_full(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", 0) or 0
+    return (
+        code & 0xFF == sqlite3.SQLITE_FULL
+        or "disk is full" in str(error)
+        or (isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC)
+    )
 
 
 def _alive(pid: int) -> bool:

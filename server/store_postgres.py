@@ -199,6 +199,9 @@ class PostgresStore(AdapterStore):
     def count(self) -> int:
         return int(self._run("SELECT count(*) FROM deft_adapters")[0][0])
 
+    def references(self, sha256: str) -> bool:
+        return bool(self._run("SELECT 1 FROM deft_adapters WHERE sha256 = %s LIMIT 1", (sha256,)))
+
     def commit(self, record: AdapterRecord, received: Path) -> None:
         for attempt in (0, 1):
             try:

@@ -9,17 +9,17 @@ import logging
 import os
 import sqlite3
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from deft_server.errors import AdapterExists, UploadTooLarge
+from deft_server.errors import AdapterExists, RegistryUnavailable, UploadTooLarge
 from deft_server.registry import AdapterRegistry, AdapterState, UploadFormat
-from deft_server.store import ORPHAN_GRACE_S, AdapterRecord, SQLiteStore, StoreError
+from deft_server.store import AdapterRecord, SQLiteStore, StoreError
 from deft_server.uploads import UploadFile, extract_archive, is_tar, validate_name
 from peft import DeftConfig, get_peft_model
 
+from deft_runtime.base_view import BaseView
 from deft_runtime.errors import (
     AdapterFormatError,
     AdapterIncompatible,
@@ -29,8 +29,6 @@ from deft_runtime.errors import (
 )
 from deft_runtime.formats import ReadLimits
 from deft_runtime.models import build_tiny_omnigen, build_tiny_sdxl
-from deft_runtime.pool import PoolConfig
-from deft_runtime.runtime import MultiAdapterModel
 
 # ---------------------------------------------------------------------------- names and uploads
 
@@ -122,6 +120,7 @@ def test_a_truncated_archive_is_a_format_error(tmp_path):
 
 
 def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
 
@@ -149,32 +148,83 @@ def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
         SQLiteStore(tmp_path)
 
 
-def test_store_start_up_clears_dead_uploads_and_old_unreferenced_blobs(tmp_path):
+def test_store_start_up_clears_dead_uploads_and_every_unclaimed_orphan(tmp_path):
     store = SQLiteStore(tmp_path)
     store.commit(_record("a", "cd" * 32), _write(store.tmp / "k", b"kept"))
-    old, fresh = "ef" * 32, "12" * 32  # blobs a crash left before their rows were inserted
-    for sha in (old, fresh):
-        path = store.local_blob_path(sha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"orphan")
-    an_hour_ago = time.time() - ORPHAN_GRACE_S - 60
-    os.utime(store.local_blob_path(old), (an_hour_ago, an_hour_ago))
-    dead = tmp_path / "tmp" / "999999999-dead"  # the upload folder of a process that died
-    dead.mkdir()
+    orphan, claimed = "ef" * 32, "12" * 32  # files a crash left before their rows were inserted
+    dead = tmp_path / "tmp" / "999999999-dead"  # the upload folder of a process that died ...
+    _write(tmp_path / "tmp" / f"{dead.name}.claims" / orphan, b"")  # ... mid-registration: claim dies too
     _write(dead / "upload-1.part", b"half")
+    for sha in (orphan, claimed):
+        _write(store.local_blob_path(sha), b"orphan")
+        _write(store.compiled_path(sha, "digest"), b"factors")
+    partial = store.compiled / "digest" / ".x.safetensors.tmp-999999999"  # an atomic write cut short
+    _write(partial, b"half")
     live = store.tmp  # this process's: another store in a running process must not lose its uploads
     _write(live / "upload-2.part", b"in progress")
 
-    other = SQLiteStore(tmp_path)
-    assert not dead.exists() and (live / "upload-2.part").exists() and other.tmp != live
+    with store.claim(claimed):  # this (running) process is registering these bytes right now
+        other = SQLiteStore(tmp_path)
+    assert not dead.exists() and not (tmp_path / "tmp" / f"{dead.name}.claims").exists()
+    assert (live / "upload-2.part").exists() and other.tmp != live
     assert other.blob_path("cd" * 32).read_bytes() == b"kept"
-    assert not other.blob_path(old).exists()
-    assert other.blob_path(fresh).exists()  # another process may be about to commit it
+    assert not other.blob_path(orphan).exists() and not other.compiled_path(orphan, "digest").exists()
+    assert other.blob_path(claimed).exists() and other.compiled_path(claimed, "digest").exists()
+    assert not partial.exists()
     with pytest.raises(AdapterNotFound):
         other.remove("nope")
     store.close()
     assert not live.exists()  # a clean close removes the process's own folder
     other.close()
+    third = SQLiteStore(tmp_path)  # nobody claims them any more: collected at this start
+    assert not third.blob_path(claimed).exists() and not third.compiled_path(claimed, "digest").exists()
+    third.close()
+
+
+def test_store_health_check_notices_a_removed_or_replaced_database(tmp_path):
+    store = SQLiteStore(tmp_path)
+    store.check()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"registry.sqlite3{suffix}").unlink(missing_ok=True)
+    with pytest.raises(RegistryUnavailable, match="was removed while the server ran"):
+        store.check()
+    SQLiteStore(tmp_path / "elsewhere").close()
+    os.replace(tmp_path / "elsewhere" / "registry.sqlite3", tmp_path / "registry.sqlite3")
+    with pytest.raises(RegistryUnavailable, match="was replaced"):
+        store.check()
+    store.close()
+
+
+def test_a_failed_commit_leaves_no_blob_or_compiled_file(tmp_path, monkeypatch):
+    store = SQLiteStore(tmp_path)
+    sha = "ab" * 32
+    _write(store.compiled_path(sha, "digest"), b"factors")
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_db", _FailingDb(store._db, full))
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit(_record("a", sha), _write(store.tmp / "u", b"bytes"))
+    monkeypatch.undo()
+    assert not store.local_blob_path(sha).exists() and not store.compiled_path(sha, "digest").exists()
+    store.close()
+
+
+class _FailingDb:
+    """A SQLite connection whose INSERTs fail (as on a full disk); reads go through."""
+
+    def __init__(self, db: sqlite3.Connection, fail) -> None:
+        self._db, self._fail = db, fail
+
+    def execute(self, sql: str, *args):
+        return self._fail() if sql.lstrip().startswith("INSERT") else self._db.execute(sql, *args)
+
+    def __enter__(self):
+        return self._db.__enter__()
+
+    def __exit__(self, *exc):
+        return self._db.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------------- registry on a real base
@@ -192,9 +242,7 @@ def peft_dir(tmp_path_factory) -> Path:
 
 
 def _registry(data_dir: Path, denoiser: torch.nn.Module) -> AdapterRegistry:
-    pool = PoolConfig(device_bytes=4 << 20, host_bytes=4 << 20)
-    model = MultiAdapterModel(denoiser, pool_config=pool, backend="torch")
-    return AdapterRegistry(SQLiteStore(data_dir), model, read_limits=ReadLimits(), max_rank=8)
+    return AdapterRegistry(SQLiteStore(data_dir), BaseView(denoiser), read_limits=ReadLimits(), max_rank=8)
 
 
 def _received(tmp: Path, peft_dir: Path):

@@ -15,13 +15,13 @@ import pytest
 import torch
 from deft_server import store_postgres
 from deft_server.errors import AdapterExists, RegistryUnavailable
-from deft_server.loading import RegistryLink
 from deft_server.registry import AdapterRegistry, AdapterState
 from deft_server.store import AdapterRecord, AdapterStore, StoreError, open_store, redact_url
 from deft_server.store_postgres import PostgresStore
 from deft_server.uploads import UploadFile
 
 from deft_runtime.adapter import AdapterKind
+from deft_runtime.base_view import BaseView
 from deft_runtime.errors import AdapterIncompatible, AdapterNotFound
 from deft_runtime.formats import ReadLimits, save_adapter
 from deft_runtime.models import build_tiny_omnigen, build_tiny_sdxl
@@ -202,14 +202,13 @@ def _shapes(unet: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return {n: tuple(unet.get_submodule(n).weight.shape) for n in names}  # type: ignore[misc]
 
 
-def _registry(url: str, cache: Path, denoiser: torch.nn.Module) -> AdapterRegistry:
+def _registry(url: str, cache: Path, denoiser: torch.nn.Module) -> tuple[AdapterRegistry, MultiAdapterModel]:
+    """As the server wires them: base view → registry → model whose pool loads through the registry."""
+    base = BaseView(denoiser)
+    registry = AdapterRegistry(PostgresStore(url, cache), base, read_limits=ReadLimits(), max_rank=8)
     pool = PoolConfig(device_bytes=4 << 20, host_bytes=4 << 20)
-    link = RegistryLink()  # as the server wires it: the pool loads through the registry
-    model = MultiAdapterModel(
-        denoiser, pool_config=pool, backend="torch", source=link.load, exists=link.exists
-    )
-    link.registry = AdapterRegistry(PostgresStore(url, cache), model, read_limits=ReadLimits(), max_rank=8)
-    return link.registry
+    model = MultiAdapterModel(denoiser, base=base, pool_config=pool, backend="torch", source=registry)
+    return registry, model
 
 
 def _received(tmp: Path, adapter, name: str):
@@ -222,21 +221,23 @@ def _received(tmp: Path, adapter, name: str):
 
 def test_replicas_see_registrations_deletions_and_replacements_of_each_other(postgres_url, tmp_path):
     unet = build_tiny_sdxl(0).unet
-    one = _registry(postgres_url, tmp_path / "one", copy.deepcopy(unet))
-    two = _registry(postgres_url, tmp_path / "two", copy.deepcopy(unet))
+    one, _ = _registry(postgres_url, tmp_path / "one", copy.deepcopy(unet))
+    two, model = _registry(postgres_url, tmp_path / "two", copy.deepcopy(unet))
     first = random_adapter(AdapterKind.DEFT, _shapes(unet), rank=2, seed=1)
     one.register("dog", _received(tmp_path, first, "first"), None, {})
 
     assert two.exists("dog") and len(two) == 1  # registered on one, seen by two at once
     factors = two.load_compiled("dog")  # compiled on first use from the shared bytes
-    assert two.model.pool.acquire(["dog"]) is not None
-    two.model.pool.release(["dog"])
-    assert two.state("dog")[0] is AdapterState.RESIDENT
+    assert model.pool.acquire(["dog"]) is not None
+    model.pool.release(["dog"])
+    assert two.state("dog")[0] is AdapterState.READY and model.pool.is_resident("dog")
 
-    one.delete("dog")  # deleted on one: two stops serving it and drops its copy
-    assert not two.exists("dog") and not two.model.pool.is_resident("dog")
+    one.delete("dog")  # deleted on one: two stops serving its copy at the next use
+    assert not two.exists("dog")
     with pytest.raises(AdapterNotFound):
         two.load_compiled("dog")
+    with pytest.raises(AdapterNotFound):
+        model.pool.acquire(["dog"])
 
     second = random_adapter(AdapterKind.DEFT, _shapes(unet), rank=2, seed=2)
     one.register("dog", _received(tmp_path, second, "second"), None, {})  # same name, other bytes
@@ -244,6 +245,10 @@ def test_replicas_see_registrations_deletions_and_replacements_of_each_other(pos
     again = two.load_compiled("dog")
     layer = next(iter(factors.factors))
     assert not torch.equal(again.factors[layer].A, factors.factors[layer].A)
+    slot = model.pool.acquire(["dog"])["dog"]  # the pool reloads the new bytes, never the old copy
+    pages = model.pool.layers[layer].page_table[slot, : again.factors[layer].rank].long()
+    torch.testing.assert_close(model.pool.layers[layer].A[pages], again.factors[layer].A)
+    model.pool.release(["dog"])
     for registry in (one, two):
         registry.store.close()
 
