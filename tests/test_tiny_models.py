@@ -278,8 +278,12 @@ def test_save_load_round_trip(name: str, tmp_path: Path, built: dict[str, Diffus
     assert type(loaded) is EXPECTED_CLASS[name]
     _assert_same_tensors(denoiser_of(loaded).state_dict(), denoiser_of(built[name]).state_dict())
     _assert_same_tensors(_module_state(loaded), _module_state(built[name]))
-    # Tokenizers and schedulers survive too: the loaded pipeline draws exactly the same image.
-    np.testing.assert_array_equal(_generate(loaded, name, "a dog"), _generate(built[name], name, "a dog"))
+    # Tokenizers and schedulers survive too: the loaded pipeline draws the same image. Not bit-exact:
+    # the same weights in freshly allocated tensors can take other SIMD paths (seen: 7e-7 apart on an
+    # AVX-512 EPYC); a wrong tokenizer or scheduler moves pixels by far more than float32 rounding.
+    np.testing.assert_allclose(
+        _generate(loaded, name, "a dog"), _generate(built[name], name, "a dog"), rtol=0, atol=1e-5
+    )
 
     by_path = load_pipeline(str(directory))
     assert architecture_of(by_path) == architecture_of(loaded)
