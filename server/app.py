@@ -76,7 +76,7 @@ def build_server(
         GenerationService(state, metrics, settings.request_limits()), server
     )
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-        AdapterService(state, int(settings.max_upload_size)), server
+        AdapterService(state, settings.upload_limits()), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

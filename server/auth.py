@@ -1,5 +1,7 @@
 """Optional bearer-token authentication (``--token``): every call but health checks and reflection
-must carry ``authorization: Bearer <token>``, else it ends with UNAUTHENTICATED."""
+must carry exactly one ``authorization: Bearer <token>`` header, else it ends with UNAUTHENTICATED.
+Several ``authorization`` headers are refused even if one is right: which one a proxy or another
+server would read is ambiguous."""
 
 from __future__ import annotations
 
@@ -10,18 +12,26 @@ from typing import Any
 import grpc
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+MISSING_TOKEN = (
+    "this server requires a token: pass token=... to the client, --token to the CLI, or set DEFT_TOKEN"
+)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+    def _refusal(self, details: grpc.HandlerCallDetails) -> str | None:
+        """Why the call is refused, or None when it may proceed."""
         if details.method.startswith(OPEN_PREFIXES):
-            return True
-        metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        return hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected)
+            return None
+        given = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+        if len(given) > 1:
+            return f"send exactly one authorization header (this call has {len(given)})"
+        token = given[0] if given else ""
+        if hmac.compare_digest(token.encode() if isinstance(token, str) else token, self._expected):
+            return None
+        return MISSING_TOKEN
 
     async def intercept_service(
         self,
@@ -29,20 +39,16 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or self._allowed(details):
-            return handler
-        return _denying(handler)
+        refusal = None if handler is None else self._refusal(details)
+        return handler if refusal is None else _denying(handler, refusal)
 
 
-async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "this server requires a token: pass token=... to the client, --token to the CLI, or set DEFT_TOKEN",
-    )
+def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that refuses the call with UNAUTHENTICATED."""
 
+    async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that refuses the call."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -44,6 +44,18 @@ class RequestLimits:
     max_prompt_chars: int
     max_adapters: int
     max_adapter_weight: float
+    max_guidance_scale: float = 100.0
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one ``RegisterAdapter`` stream may carry (checked while it streams)."""
+
+    max_bytes: int
+    max_chunks: int
+    max_metadata_bytes: int
+    max_metadata_entries: int = 64
+    max_metadata_key_chars: int = 128
 
 
 class ServerSettings(BaseSettings):
@@ -90,9 +102,16 @@ class ServerSettings(BaseSettings):
     max_adapter_weight: float = Field(10.0, gt=0, description="adapter weights must lie in [-W, W]")
     max_upload_size: ByteSize = Field(ByteSize(1 << 30), description="largest adapter upload")
     max_message_size: ByteSize = Field(ByteSize(16 << 20), description="largest gRPC message received")
+    max_guidance_scale: float = Field(100.0, gt=0, description="guidance_scale must lie in [0, G]")
+    max_upload_chunks: int = Field(
+        16384, ge=1, description="most data chunks in one upload (empty ones count)"
+    )
+    max_metadata_size: ByteSize = Field(
+        ByteSize(8 << 10), description="largest adapter metadata (UTF-8 bytes of its keys and values)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("max_adapter_weight")
+    @field_validator("max_adapter_weight", "max_guidance_scale")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -131,6 +150,14 @@ class ServerSettings(BaseSettings):
             max_prompt_chars=self.max_prompt_chars,
             max_adapters=self.max_adapters_per_request,
             max_adapter_weight=self.max_adapter_weight,
+            max_guidance_scale=self.max_guidance_scale,
+        )
+
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(
+            max_bytes=int(self.max_upload_size),
+            max_chunks=self.max_upload_chunks,
+            max_metadata_bytes=int(self.max_metadata_size),
         )
 
     def read_limits(self) -> ReadLimits:

@@ -1,22 +1,29 @@
 """Between ``deft.v1`` messages and the engine's and registry's types; request limits are checked here.
 
-The PNG encoders do CPU work: callers run them off the event loop.
+Every field of a request is bounded before anything echoes it or does work for it: names (1-128
+characters), ``request_id`` (at most :data:`MAX_REQUEST_ID_CHARS`), prompts, sizes, steps, finite
+weights and guidance within the server's limits. The PNG encoders do CPU work: callers run them off
+the event loop.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 from deft_client.proto import adapters_pb2, generation_pb2
 from deft_server.config import RequestLimits
 from deft_server.registry import AdapterState, UploadFormat
 from deft_server.store import AdapterRecord
+from deft_server.uploads import validate_name
 from google.protobuf import timestamp_pb2
 
 from deft_runtime.engine import EventKind, GenerationEvent, GenerationRequest, GenerationResult
-from deft_runtime.errors import InvalidRequest
+from deft_runtime.errors import InvalidRequest, shorten
 
 #: The base model's defaults: (width, height, steps, guidance_scale).
 Defaults = tuple[int, int, int, float]
@@ -30,6 +37,12 @@ UPLOAD_FORMATS = {
     adapters_pb2.UPLOAD_FORMAT_SAFETENSORS: UploadFormat.SAFETENSORS,
     adapters_pb2.UPLOAD_FORMAT_PEFT_TAR: UploadFormat.PEFT_TAR,
 }
+#: the client's request_id is only a label for its own logs; it is echoed in every event
+MAX_REQUEST_ID_CHARS = 128
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+#: a ListAdapters page stops growing past this many bytes (clients' default message limit is 4 MiB)
+MAX_PAGE_BYTES = 1 << 20
+_PAGE_TOKEN_PREFIX = b"deft.v1/adapters/after:"
 
 
 def _optional(message: Any, field: str) -> Any:
@@ -56,8 +69,7 @@ def _adapters(msg: generation_pb2.GenerateRequest, limits: RequestLimits) -> tup
     pairs = []
     for ref in msg.adapters:
         weight = ref.weight if ref.HasField("weight") else 1.0
-        if not ref.name:
-            raise InvalidRequest("an adapter reference has an empty name")
+        validate_name(ref.name)
         if not (math.isfinite(weight) and abs(weight) <= limits.max_adapter_weight):
             raise InvalidRequest(
                 f"adapter {ref.name!r}: weight must be a finite number in "
@@ -91,8 +103,15 @@ def generation_request(
         raise InvalidRequest(
             f"width x height is {pixels} pixels; this server allows at most {limits.max_pixels}"
         )
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise InvalidRequest(f"guidance_scale must be a finite number ≥ 0, got {guidance}")
+    if guidance is not None and not 0 <= guidance <= limits.max_guidance_scale:  # False for NaN
+        raise InvalidRequest(
+            f"guidance_scale must be a number in [0, {limits.max_guidance_scale:g}], got {guidance:g}"
+        )
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(
+            f"request_id is {len(msg.request_id)} characters long; at most {MAX_REQUEST_ID_CHARS} are "
+            "accepted (it is a label echoed in every event)"
+        )
     return GenerationRequest(
         prompt=msg.prompt,
         negative_prompt=negative,
@@ -167,3 +186,53 @@ def adapter_message(record: AdapterRecord, state: AdapterState, reason: str) -> 
         compiled_bytes=record.compiled_bytes,
         state_reason=reason,
     )
+
+
+# ---------------------------------------------------------------------------- ListAdapters pages
+
+
+def page_size(request: adapters_pb2.ListAdaptersRequest) -> int:
+    """The page size asked for: 0 → the default, above the maximum → the maximum."""
+    if request.page_size < 0:
+        raise InvalidRequest(
+            f"page_size must be ≥ 0 (0: the default, {DEFAULT_PAGE_SIZE}), got {request.page_size}"
+        )
+    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def page_token(last_name: str) -> str:
+    return base64.urlsafe_b64encode(_PAGE_TOKEN_PREFIX + last_name.encode()).decode()
+
+
+def page_after(token: str) -> str:
+    """The adapter name a ``page_token`` continues after ("" for the first page); refuses forged tokens."""
+    if not token:
+        return ""
+    try:
+        raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
+        if raw.startswith(_PAGE_TOKEN_PREFIX):
+            return validate_name(raw[len(_PAGE_TOKEN_PREFIX) :].decode())
+    except (UnicodeError, binascii.Error, InvalidRequest):
+        pass
+    raise InvalidRequest(
+        f"page_token {shorten(token)} is not one this server issued: pass the previous response's "
+        "next_page_token unchanged, or leave it empty for the first page"
+    )
+
+
+def adapters_page(
+    records: list[AdapterRecord], size: int, describe: Callable[[AdapterRecord], adapters_pb2.Adapter]
+) -> adapters_pb2.ListAdaptersResponse:
+    """A page of up to ``size`` of ``records`` (which holds one more when more follow), cut short
+    at :data:`MAX_PAGE_BYTES`, with the token of the next page when it is not the last."""
+    reply = adapters_pb2.ListAdaptersResponse()
+    total = 0
+    for record in records[:size]:
+        message = describe(record)
+        total += message.ByteSize()
+        if reply.adapters and total > MAX_PAGE_BYTES:
+            break
+        reply.adapters.append(message)
+    if len(reply.adapters) < len(records):
+        reply.next_page_token = page_token(reply.adapters[-1].name)
+    return reply

@@ -81,6 +81,7 @@ from deft_server.convert import generation_request
 from deft_server.errors import UploadTooLarge, to_status
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
+from google.protobuf.message import Message
 from prometheus_client import start_http_server
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -193,7 +194,7 @@ class DeftReplica:
         self.metrics.live.runtime = self.runtime
         self.limits = self.settings.request_limits()
         self.generation = GenerationService(self.state, self.metrics, self.limits)
-        self.adapters = AdapterService(self.state, int(self.settings.max_upload_size))
+        self.adapters = AdapterService(self.state, self.settings.upload_limits())
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context is not None else f"pid-{os.getpid()}"
         self._stop_metrics: Any = None
@@ -274,7 +275,7 @@ class DeftReplica:
 
     async def adapter_call(self, method: str, request_bytes: bytes) -> tuple[str, bytes | Failure]:
         """One unary AdapterService call (``ListAdapters``, ``GetAdapter``, ``DeleteAdapter``)."""
-        requests = {
+        requests: dict[str, type[Message]] = {
             "ListAdapters": adapters_pb2.ListAdaptersRequest,
             "GetAdapter": adapters_pb2.GetAdapterRequest,
             "DeleteAdapter": adapters_pb2.DeleteAdapterRequest,

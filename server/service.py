@@ -17,18 +17,22 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
-from deft_server.config import RequestLimits
+from deft_server.config import RequestLimits, UploadLimits
 from deft_server.convert import (
     UPLOAD_FORMATS,
     adapter_message,
+    adapters_page,
     event_message,
     generation_request,
+    page_after,
+    page_size,
     result_message,
 )
 from deft_server.errors import NotReady, status_code_of, to_status
 from deft_server.loading import ServingRuntime
 from deft_server.metrics import ServerMetrics
-from deft_server.uploads import received_upload
+from deft_server.upload_limits import bounded_chunks
+from deft_server.uploads import received_upload, validate_name
 
 from deft_runtime.engine import EventKind, GenerationEvent, RequestHandle
 
@@ -171,18 +175,17 @@ def _cancel_admitted(submitted: asyncio.Future[RequestHandle]) -> None:
 
 
 class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
-    def __init__(self, state: ServerState, max_upload_bytes: int) -> None:
+    def __init__(self, state: ServerState, limits: UploadLimits) -> None:
         self.state = state
-        self.max_upload_bytes = max_upload_bytes
+        self.limits = limits
 
     @mapped_errors
     async def RegisterAdapter(
         self, request_iterator: AsyncIterator[adapters_pb2.RegisterAdapterChunk], context: Any
     ) -> adapters_pb2.Adapter:
         registry = self.state.require().registry
-        upload = received_upload(
-            request_iterator, registry.store.tmp, self.max_upload_bytes, registry.check_free
-        )
+        chunks = bounded_chunks(request_iterator, self.limits)
+        upload = received_upload(chunks, registry.store.tmp, self.limits.max_bytes, registry.check_free)
         async with upload as (header, received), self.state.registrations:
             fmt = UPLOAD_FORMATS.get(header.format)
             record = await asyncio.to_thread(
@@ -195,15 +198,14 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         self, request: adapters_pb2.ListAdaptersRequest, context: Any
     ) -> adapters_pb2.ListAdaptersResponse:
         registry = self.state.require().registry
-        records = await asyncio.to_thread(registry.records)
-        return adapters_pb2.ListAdaptersResponse(
-            adapters=[adapter_message(r, *registry.state(r.name)) for r in records]
-        )
+        size, after = page_size(request), page_after(request.page_token)
+        records = await asyncio.to_thread(registry.store.records_page, after, size + 1)
+        return adapters_page(records, size, lambda r: adapter_message(r, *registry.state(r.name)))
 
     @mapped_errors
     async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest, context: Any) -> adapters_pb2.Adapter:
         registry = self.state.require().registry
-        record = await asyncio.to_thread(registry.get, request.name)
+        record = await asyncio.to_thread(registry.get, validate_name(request.name))
         return adapter_message(record, *registry.state(record.name))
 
     @mapped_errors
@@ -211,5 +213,5 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         self, request: adapters_pb2.DeleteAdapterRequest, context: Any
     ) -> adapters_pb2.DeleteAdapterResponse:
         registry = self.state.require().registry
-        await asyncio.to_thread(registry.delete, request.name)
+        await asyncio.to_thread(registry.delete, validate_name(request.name))
         return adapters_pb2.DeleteAdapterResponse()

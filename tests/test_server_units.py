@@ -4,9 +4,13 @@ conversion, the generated stubs, and the engine's asyncio contract the server re
 from __future__ import annotations
 
 import asyncio
+import base64
+import errno
 import filecmp
 import importlib.metadata
 import inspect
+import math
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -15,12 +19,22 @@ from pathlib import Path
 import deft_server.errors as server_errors
 import grpc
 import pytest
-from deft_client import DeftError
-from deft_client.proto import generation_pb2
+from deft_client import DeftClient, DeftError, GenerateOptions
+from deft_client.proto import adapters_pb2, generation_pb2
 from deft_client.wire import adapter_refs, generate_request, upload_chunks
-from deft_server.config import ServerSettings
-from deft_server.convert import generation_request
+from deft_server.auth import TokenAuth
+from deft_server.config import ServerSettings, UploadLimits
+from deft_server.convert import (
+    MAX_PAGE_BYTES,
+    adapters_page,
+    generation_request,
+    page_after,
+    page_size,
+    page_token,
+)
 from deft_server.errors import status_code_of, to_status
+from deft_server.store import AdapterRecord
+from deft_server.upload_limits import bounded_chunks
 from google.rpc import error_details_pb2, status_pb2
 
 import deft_runtime.engine as engine_module
@@ -54,6 +68,7 @@ EXPECTED = {
     "PoolExhausted": CODE.RESOURCE_EXHAUSTED,
     "QueueFull": CODE.RESOURCE_EXHAUSTED,
     "UploadTooLarge": CODE.RESOURCE_EXHAUSTED,
+    "DiskFull": CODE.RESOURCE_EXHAUSTED,
     "EngineDraining": CODE.UNAVAILABLE,
     "NotReady": CODE.UNAVAILABLE,
     "RegistryUnavailable": CODE.UNAVAILABLE,
@@ -102,6 +117,52 @@ def test_status_carries_google_rpc_details():
 def test_unexpected_errors_are_internal_without_leaking_their_text():
     status = to_status(KeyError("/secret/path"))
     assert status.code is CODE.INTERNAL and "secret" not in status.details
+
+
+def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
+    try:
+        try:
+            raise cause
+        except BaseException as e:
+            raise error from e
+    except BaseException as chained:
+        return chained
+
+
+def _sqlite_full() -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = 13  # type: ignore[attr-defined]  # SQLITE_FULL, set by sqlite3 itself
+    return error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device", "/data/secret/upload.part"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        _sqlite_full(),
+        _raised_from(
+            runtime_errors.AdapterFormatError("the upload is not a readable tar archive"),
+            OSError(errno.ENOSPC, "No space left on device"),
+        ),
+    ],
+    ids=["enospc", "edquot", "sqlite-full", "wrapped-as-invalid-adapter"],
+)
+def test_a_full_disk_is_resource_exhausted_not_internal_or_the_users_fault(error):
+    status = to_status(error)
+    assert status.code is CODE.RESOURCE_EXHAUSTED and "disk is full" in status.details
+    assert "secret" not in status.details and status_code_of(error) is CODE.RESOURCE_EXHAUSTED
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(dict(status.trailing_metadata)[DETAILS_KEY]).details[0].Unpack(info)
+    assert info.reason == "DISK_FULL"
+    assert to_status(OSError(errno.EACCES, "Permission denied")).code is CODE.INTERNAL
+
+
+def test_status_messages_and_details_stay_far_below_the_header_limit():
+    status = to_status(InvalidRequest("x" * 100_000))
+    assert status.code is CODE.INVALID_ARGUMENT and "100000 characters" in status.details
+    header_bytes = len(status.details) + sum(len(v) for _, v in status.trailing_metadata)
+    assert header_bytes < 4 << 10
 
 
 # ---------------------------------------------------------------------------- settings
@@ -255,3 +316,195 @@ def test_cancelling_an_awaited_engine_future_cancels_only_that_request():
         assert engine.drain(30) and engine.running == 0
     finally:
         engine.shutdown()
+
+
+# ---------------------------------------------------------------------------- hostile request fields
+
+
+def _convert(**params) -> object:
+    limits = ServerSettings().request_limits()
+    return generation_request(generate_request("a dog", **params), limits, (64, 64, 50, 5.0), None)
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (dict(guidance_scale=1e30), "guidance_scale"),
+        (dict(guidance_scale=math.nan), "guidance_scale"),
+        (dict(guidance_scale=-math.inf), "guidance_scale"),
+        (dict(adapters=[("dog", math.inf)]), "weight"),
+        (dict(request_id="r" * 129), "request_id"),
+        (dict(request_id="r" * (8 << 20)), "request_id"),
+        (dict(adapters=["n" * 10_000]), "invalid adapter name"),
+        (dict(adapters=["../etc"]), "invalid adapter name"),
+        (dict(steps=2**31 - 1), "num_inference_steps"),
+        (dict(width=-(2**31)), "width"),
+        (dict(num_images=2**31 - 1), "num_images"),
+    ],
+)
+def test_hostile_request_fields_are_refused_naming_the_field_with_a_short_message(params, field):
+    with pytest.raises(InvalidRequest) as info:
+        _convert(**params)
+    assert field in str(info.value) and len(str(info.value)) < 300
+
+
+def test_the_largest_accepted_values_pass():
+    request = _convert(guidance_scale=100.0, request_id="r" * 128, adapters=[("n" * 128, 10.0)])
+    assert request.guidance_scale == 100.0 and request.adapters == (("n" * 128, 10.0),)
+
+
+# ---------------------------------------------------------------------------- ListAdapters pages
+
+
+def test_page_tokens_round_trip_and_forged_ones_are_refused():
+    assert page_after("") == "" and page_after(page_token("dog-v2.1")) == "dog-v2.1"
+    forged = [
+        "!!!",
+        "é",
+        "x" * 100_000,
+        base64.urlsafe_b64encode(b"after:dog").decode(),  # not our prefix
+        page_token("a/b"),  # our prefix, not a name
+        page_token("n" * 129),
+        page_token("dog")[:-2],  # truncated
+    ]
+    for token in forged:
+        with pytest.raises(InvalidRequest, match="page_token") as info:
+            page_after(token)
+        assert len(str(info.value)) < 300
+    request = adapters_pb2.ListAdaptersRequest
+    assert page_size(request()) == 100 and page_size(request(page_size=5)) == 5
+    assert page_size(request(page_size=2**31 - 1)) == 1000
+    with pytest.raises(InvalidRequest, match="page_size"):
+        page_size(request(page_size=-1))
+
+
+def _record(name: str, metadata_bytes: int = 0) -> AdapterRecord:
+    metadata = {"k": "v" * metadata_bytes} if metadata_bytes else {}
+    return AdapterRecord(name, "0" * 64, "safetensors", "deft", "deft", "qr", (2,), 1, 10, 8, metadata)
+
+
+def _describe(record: AdapterRecord) -> adapters_pb2.Adapter:
+    return adapters_pb2.Adapter(name=record.name, metadata=record.metadata)
+
+
+def test_a_page_stops_at_its_size_or_its_byte_budget_and_says_where_to_go_on():
+    records = [_record(f"a{i:03}") for i in range(6)]
+    page = adapters_page(records, 5, _describe)  # the store returns size + 1 when more follow
+    assert [a.name for a in page.adapters] == [f"a{i:03}" for i in range(5)]
+    assert page_after(page.next_page_token) == "a004"
+    last = adapters_page(records[:3], 5, _describe)
+    assert len(last.adapters) == 3 and last.next_page_token == ""
+    heavy = [_record(f"h{i}", metadata_bytes=300 << 10) for i in range(8)]  # legacy, pre-limit metadata
+    page = adapters_page(heavy, 100, _describe)
+    assert 0 < len(page.adapters) < 8 and page.ByteSize() <= MAX_PAGE_BYTES
+    assert page_after(page.next_page_token) == page.adapters[-1].name
+
+
+# ---------------------------------------------------------------------------- upload stream bounds
+
+UPLOAD_LIMITS = UploadLimits(max_bytes=1 << 20, max_chunks=64, max_metadata_bytes=1024)
+
+
+def _header(**fields) -> adapters_pb2.RegisterAdapterChunk:
+    return adapters_pb2.RegisterAdapterChunk(header=adapters_pb2.AdapterUpload(name="a", **fields))
+
+
+def _data(data: bytes) -> adapters_pb2.RegisterAdapterChunk:
+    return adapters_pb2.RegisterAdapterChunk(data=data)
+
+
+def _drain(*chunks: adapters_pb2.RegisterAdapterChunk) -> list[adapters_pb2.RegisterAdapterChunk]:
+    async def source():
+        for chunk in chunks:
+            yield chunk
+
+    async def run():
+        return [c async for c in bounded_chunks(source(), UPLOAD_LIMITS)]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "chunks, match",
+    [
+        ((_header(), *[_data(b"")] * 30_000), "more than 64 data chunks"),
+        ((_header(), *[_data(b"x")] * 65), "--max-upload-chunks"),
+        ((_header(size_bytes=10), _data(b"x" * 11)), "size_bytes=10, but more came"),
+        ((_header(size_bytes=10), _data(b"x" * 9)), "size_bytes=10, but 9 bytes came"),
+        ((_header(metadata={f"k{i}": "" for i in range(65)}),), "65 entries"),
+        ((_header(metadata={"k" * 129: "v"}),), "metadata key"),
+        ((_header(metadata={"": "v"}),), "metadata key"),
+        ((_header(metadata={"k": "v" * 1024}),), "--max-metadata-size"),
+        ((_header(format=99),), "unknown upload format 99"),
+        ((_header(sha256="f" * 10_000),), "sha256"),
+        ((adapters_pb2.RegisterAdapterChunk(header=adapters_pb2.AdapterUpload(name="n" * 10_000)),), "name"),
+    ],
+    ids=[
+        "30k-empty-chunks",
+        "too-many-chunks",
+        "more-than-announced",
+        "fewer-than-announced",
+        "metadata-entries",
+        "metadata-key-long",
+        "metadata-key-empty",
+        "metadata-bytes",
+        "unknown-format",
+        "sha256-long",
+        "name-long",
+    ],
+)
+def test_upload_streams_are_bounded_while_they_stream(chunks, match):
+    with pytest.raises(InvalidRequest, match=match) as info:
+        _drain(*chunks)
+    assert len(str(info.value)) < 300
+
+
+def test_a_well_formed_upload_passes_without_its_empty_chunks():
+    header = _header(size_bytes=6, metadata={"owner": "me"}, sha256="a" * 64)
+    out = _drain(header, _data(b"abc"), _data(b""), _data(b"def"))
+    assert out == [header, _data(b"abc"), _data(b"def")]
+    first_empty = _drain(_data(b""))  # no header first: passed on for the receiver to refuse
+    assert [c.WhichOneof("chunk") for c in first_empty] == ["data"]
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+class _Call:
+    def __init__(self, *metadata: tuple[str, str], method: str = "/deft.v1.AdapterService/ListAdapters"):
+        self.method, self.invocation_metadata = method, metadata
+
+
+@pytest.mark.parametrize(
+    "metadata, refusal",
+    [
+        ((("authorization", "Bearer right"),), None),
+        ((), "requires a token"),
+        ((("authorization", "Bearer wrong"),), "requires a token"),
+        ((("authorization", "Bearer wrong"), ("authorization", "Bearer right")), "exactly one authorization"),
+        ((("authorization", "Bearer right"), ("authorization", "Bearer right")), "exactly one authorization"),
+    ],
+    ids=["right", "missing", "wrong", "wrong-then-right", "right-twice"],
+)
+def test_exactly_one_right_authorization_header_is_accepted(metadata, refusal):
+    auth = TokenAuth("right")
+    outcome = auth._refusal(_Call(*metadata))
+    assert outcome is None if refusal is None else refusal in (outcome or "")
+    assert auth._refusal(_Call(*metadata, method="/grpc.health.v1.Health/Check")) is None
+
+
+# ---------------------------------------------------------------------------- client request type
+
+
+def test_generate_options_are_the_one_request_type_of_the_keyword_api():
+    options = GenerateOptions(adapters=[("dog", 0.5)], seed=3, steps=7, guidance_scale=0.0)
+    assert generate_request("p", options) == generate_request(
+        "p", adapters=[("dog", 0.5)], seed=3, steps=7, guidance_scale=0.0
+    )
+    overridden = generate_request("p", options, seed=4)
+    assert overridden.seed == 4 and overridden.num_inference_steps == 7
+    assert generate_request("p", options).HasField("guidance_scale")  # an explicit 0.0 stays set
+    with pytest.raises(TypeError, match="stpes"):
+        generate_request("p", stpes=3)  # a typo is an error, never silently ignored
+    signatures = [inspect.signature(m) for m in (DeftClient.generate, DeftClient.generate_stream)]
+    assert all("options" in s.parameters and "timeout" in s.parameters for s in signatures)

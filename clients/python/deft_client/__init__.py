@@ -10,20 +10,34 @@
         for event in c.generate_stream("a dog", adapters=["dog"], preview_every_n_steps=5):
             print(event)
 
-Every failure raises :class:`DeftError` with ``.code`` (``grpc.StatusCode``) and the server's message.
+Generation parameters are keyword arguments or one :class:`GenerateOptions` (``c.generate("a dog",
+GenerateOptions(seed=0, steps=30))``); :meth:`DeftClient.list_adapters` fetches every page,
+:meth:`DeftClient.list_adapters_page` one. Every failure raises :class:`DeftError` with ``.code`` (``grpc.StatusCode``) and the server's message.
 :class:`AsyncDeftClient` has the same methods for asyncio.
 """
 
 from deft_client.aio import AsyncDeftClient
 from deft_client.client import DeftClient
 from deft_client.errors import DeftError
-from deft_client.results import AdapterInfo, GenerationEvent, Preview, Progress, Queued, Result, Started
+from deft_client.results import (
+    AdapterInfo,
+    AdapterPage,
+    GenerationEvent,
+    Preview,
+    Progress,
+    Queued,
+    Result,
+    Started,
+)
+from deft_client.wire import GenerateOptions
 
 __all__ = [
     "AdapterInfo",
+    "AdapterPage",
     "AsyncDeftClient",
     "DeftClient",
     "DeftError",
+    "GenerateOptions",
     "GenerationEvent",
     "Preview",
     "Progress",

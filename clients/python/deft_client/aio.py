@@ -15,8 +15,15 @@ from PIL import Image
 from deft_client.channel import CHANNEL_OPTIONS, call_metadata, credentials, resolve_target
 from deft_client.errors import DeftError
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
-from deft_client.results import AdapterInfo, GenerationEvent, Result, event_from_message, result_from_message
-from deft_client.wire import check_upload_path, generate_request, upload_chunks
+from deft_client.results import (
+    AdapterInfo,
+    AdapterPage,
+    GenerationEvent,
+    Result,
+    event_from_message,
+    result_from_message,
+)
+from deft_client.wire import GenerateOptions, check_upload_path, generate_request, upload_chunks
 
 T = TypeVar("T")
 _DONE = object()
@@ -99,8 +106,18 @@ class AsyncDeftClient:
         return AdapterInfo.from_message(reply)
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
-        reply = await self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
-        return [AdapterInfo.from_message(a) for a in reply.adapters]
+        adapters, token = [], ""
+        while True:
+            page = await self.list_adapters_page(page_token=token, timeout=timeout)
+            adapters += page.adapters
+            if not (token := page.next_page_token):
+                return adapters
+
+    async def list_adapters_page(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> AdapterPage:
+        request = adapters_pb2.ListAdaptersRequest(page_size=page_size, page_token=page_token)
+        return AdapterPage.from_message(await self._call(self._adapters.ListAdapters, request, timeout))
 
     async def get_adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         reply = await self._call(
@@ -112,21 +129,38 @@ class AsyncDeftClient:
         await self._call(self._adapters.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(name=name), timeout)
 
     async def generate(
-        self, prompt: str, *, timeout: float | None = None, **params: Any
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **params: Any,
     ) -> list[Image.Image]:
         """Generate and return the images (same parameters as :meth:`DeftClient.generate`)."""
-        return (await self.generate_result(prompt, timeout=timeout, **params)).images
+        return (await self.generate_result(prompt, options, timeout=timeout, **params)).images
 
-    async def generate_result(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Result:
-        reply = await self._call(self._generation.GenerateOnce, generate_request(prompt, **params), timeout)
+    async def generate_result(
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Result:
+        request = generate_request(prompt, options, **params)
+        reply = await self._call(self._generation.GenerateOnce, request, timeout)
         return result_from_message(reply.request_id, reply.result)
 
     async def generate_stream(
-        self, prompt: str, *, timeout: float | None = None, **params: Any
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **params: Any,
     ) -> AsyncIterator[GenerationEvent]:
-        call = self._generation.Generate(
-            generate_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+        request = generate_request(prompt, options, **params)
+        call = self._generation.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for message in call:
                 event = event_from_message(message)

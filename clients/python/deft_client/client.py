@@ -14,8 +14,15 @@ from PIL import Image
 from deft_client.channel import CHANNEL_OPTIONS, call_metadata, credentials, resolve_target
 from deft_client.errors import DeftError
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
-from deft_client.results import AdapterInfo, GenerationEvent, Result, event_from_message, result_from_message
-from deft_client.wire import Adapters, check_upload_path, generate_request, upload_chunks
+from deft_client.results import (
+    AdapterInfo,
+    AdapterPage,
+    GenerationEvent,
+    Result,
+    event_from_message,
+    result_from_message,
+)
+from deft_client.wire import GenerateOptions, check_upload_path, generate_request, upload_chunks
 
 T = TypeVar("T")
 
@@ -97,8 +104,20 @@ class DeftClient:
         return AdapterInfo.from_message(self._call(self._adapters.RegisterAdapter, chunks, timeout))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
-        reply = self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
-        return [AdapterInfo.from_message(a) for a in reply.adapters]
+        """Every registered adapter, by name (fetched page by page; ``timeout`` applies to each page)."""
+        adapters, token = [], ""
+        while True:
+            page = self.list_adapters_page(page_token=token, timeout=timeout)
+            adapters += page.adapters
+            if not (token := page.next_page_token):
+                return adapters
+
+    def list_adapters_page(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> AdapterPage:
+        """One page of at most ``page_size`` adapters (0: the server's default) after ``page_token``."""
+        request = adapters_pb2.ListAdaptersRequest(page_size=page_size, page_token=page_token)
+        return AdapterPage.from_message(self._call(self._adapters.ListAdapters, request, timeout))
 
     def get_adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         reply = self._call(self._adapters.GetAdapter, adapters_pb2.GetAdapterRequest(name=name), timeout)
@@ -112,46 +131,42 @@ class DeftClient:
     def generate(
         self,
         prompt: str,
+        options: GenerateOptions | None = None,
         *,
-        negative_prompt: str | None = None,
-        adapters: Adapters | None = None,
-        seed: int | None = None,
-        steps: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        guidance_scale: float | None = None,
-        num_images: int | None = None,
-        request_id: str = "",
         timeout: float | None = None,
+        **params: Any,
     ) -> list[Image.Image]:
-        """Generate and return the images. None leaves a parameter to the base model's default."""
-        return self.generate_result(
-            prompt,
-            negative_prompt=negative_prompt,
-            adapters=adapters,
-            seed=seed,
-            steps=steps,
-            width=width,
-            height=height,
-            guidance_scale=guidance_scale,
-            num_images=num_images,
-            request_id=request_id,
-            timeout=timeout,
-        ).images
+        """Generate and return the images. ``options`` and/or keyword arguments (the fields of
+        :class:`GenerateOptions`: ``adapters``, ``seed``, ``steps``, ``width``, ``height``,
+        ``guidance_scale``, ``num_images``, ``negative_prompt``, ``request_id``, ...) describe the
+        request; what is left out takes the base model's default."""
+        return self.generate_result(prompt, options, timeout=timeout, **params).images
 
-    def generate_result(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Result:
+    def generate_result(
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Result:
         """Like :meth:`generate`, returning the whole :class:`Result` (images, seed used, timings)."""
-        reply = self._call(self._generation.GenerateOnce, generate_request(prompt, **params), timeout)
+        request = generate_request(prompt, options, **params)
+        reply = self._call(self._generation.GenerateOnce, request, timeout)
         return result_from_message(reply.request_id, reply.result)
 
     def generate_stream(
-        self, prompt: str, *, timeout: float | None = None, **params: Any
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **params: Any,
     ) -> Iterator[GenerationEvent]:
         """Yield :class:`Queued`, :class:`Started`, :class:`Progress`, :class:`Preview` (with
         ``preview_every_n_steps=N``) and finally :class:`Result`. Leaving the loop early cancels the request."""
-        call = self._generation.Generate(
-            generate_request(prompt, **params), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+        request = generate_request(prompt, options, **params)
+        call = self._generation.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for message in call:
                 event = event_from_message(message)

@@ -50,6 +50,18 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class AdapterPage:
+    """One ``ListAdapters`` page: adapters by name, and the token of the next page ("" after the last)."""
+
+    adapters: list[AdapterInfo]
+    next_page_token: str
+
+    @classmethod
+    def from_message(cls, msg: adapters_pb2.ListAdaptersResponse) -> AdapterPage:
+        return cls([AdapterInfo.from_message(a) for a in msg.adapters], msg.next_page_token)
+
+
+@dataclass(frozen=True)
 class Queued:
     request_id: str
     position: int

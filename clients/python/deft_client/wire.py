@@ -8,8 +8,9 @@ import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from deft_client.proto import adapters_pb2, generation_pb2
 
@@ -29,34 +30,47 @@ def adapter_refs(adapters: Adapters | None) -> list[generation_pb2.AdapterRef]:
     return refs
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Everything of a generation request but its prompt; None leaves a parameter to the base model's
+    default. The client's ``generate*`` methods take these fields as keyword arguments too."""
+
+    negative_prompt: str | None = None
+    adapters: Adapters | None = None
+    seed: int | None = None
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance_scale: float | None = None
+    num_images: int | None = None
+    preview_every_n_steps: int | None = None
+    #: a label for the caller's own logs, echoed in every event (at most 128 characters)
+    request_id: str = ""
+
+    def message(self, prompt: str) -> generation_pb2.GenerateRequest:
+        """The ``GenerateRequest``; every None stays unset, so the server uses the model's default."""
+        return generation_pb2.GenerateRequest(  # a None argument leaves its `optional` field unset
+            request_id=self.request_id,
+            prompt=prompt,
+            negative_prompt=self.negative_prompt,
+            adapters=adapter_refs(self.adapters),
+            width=self.width,
+            height=self.height,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            num_images=self.num_images,
+            preview_every_n_steps=self.preview_every_n_steps,
+        )
+
+
 def generate_request(
-    prompt: str,
-    *,
-    negative_prompt: str | None = None,
-    adapters: Adapters | None = None,
-    seed: int | None = None,
-    steps: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    guidance_scale: float | None = None,
-    num_images: int | None = None,
-    preview_every_n_steps: int | None = None,
-    request_id: str = "",
+    prompt: str, options: GenerateOptions | None = None, **params: Any
 ) -> generation_pb2.GenerateRequest:
-    """A ``GenerateRequest``; every None stays unset, so the server uses the base model's default."""
-    return generation_pb2.GenerateRequest(  # a None argument leaves its `optional` field unset
-        request_id=request_id,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        adapters=adapter_refs(adapters),
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        num_images=num_images,
-        preview_every_n_steps=preview_every_n_steps,
-    )
+    """The ``GenerateRequest`` of ``options``, with ``params`` (fields of :class:`GenerateOptions`)
+    replacing theirs; an unknown keyword raises TypeError."""
+    chosen = replace(options, **params) if options is not None else GenerateOptions(**params)
+    return chosen.message(prompt)
 
 
 def _pack_directory(directory: Path, out: IO[bytes]) -> None:
