@@ -1,0 +1,212 @@
+"""``shapes-sdxl``: a small SDXL-architecture text-to-image model of the scene language.
+
+The architecture is the real SDXL one at miniature scale (``StableDiffusionXLPipeline`` with two
+CLIP text encoders, a ``UNet2DConditionModel`` with "text_time" micro-conditioning and an
+``AutoencoderKL``); the weights are trained from scratch by ``python -m deft_runtime.scenes.train_base``
+and committed under ``deft_runtime/models/shapes_sdxl/``. This module builds the untrained
+pipeline the recipe starts from, and resolves the committed directory.
+
+Geometry: 64x64 images, VAE factor 8, so the UNet denoises 4x8x8 latents (two levels, 8x8 and 4x4).
+Tokenizers: real ``CLIPTokenizer``s whose BPE merges turn every word of the scene language into a
+single token; any other word (a personalisation trigger such as ``sks``) still tokenizes, byte by
+byte, so adapters can learn new words.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from deft_runtime.models.tiny import bytes_to_unicode
+
+__all__ = [
+    "SHAPES_MODEL_DIR",
+    "SHAPES_MODEL_NAME",
+    "SHAPES_WORDS",
+    "bpe_merges_for",
+    "build_shapes_sdxl",
+    "build_shapes_tokenizer",
+    "shapes_defaults",
+]
+
+SHAPES_MODEL_NAME = "shapes-sdxl"
+SHAPES_MODEL_DIR = Path(__file__).resolve().parent / "shapes_sdxl"
+DEFAULTS_FILE = "deft.json"  # generation defaults the model was evaluated at, next to model_index.json
+
+# Every word of the scene-language grammar (deft_runtime.scenes.language), one token each.
+SHAPES_WORDS: tuple[str, ...] = (
+    *("red", "green", "blue", "yellow", "purple", "orange", "white", "black"),
+    *("circle", "square", "triangle", "diamond", "star"),
+    *("a", "on", "background", "the", "left", "right", "at", "top", "bottom", "in", "center"),
+)
+MAX_TOKENS = 20  # the longest prompt of the grammar is 13 tokens with start and end of text
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 3  # SDXL reads the penultimate layer, so two layers do the work
+UNET_CHANNELS = (32, 64)
+ADD_TIME_EMBED_DIM = 8
+
+
+def _apply_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the lowest-ranked adjacent pair (all occurrences)."""
+    symbols = [*word[:-1], word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pair = min(itertools.pairwise(symbols), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Merges (in rank order) under which every word in ``words`` is one BPE token.
+
+    Each new merge joins the first two symbols of a word that is not yet one token and is ranked
+    last, so it never changes a word already finished; words are re-tokenized after every merge.
+    """
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = _apply_merges(word, ranks)
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            symbols = _apply_merges(word, ranks)
+    return merges
+
+
+def _vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    table = bytes_to_unicode()
+    alphabet = [table[b] for b in range(256)]
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    vocab.update({char + "</w>": 256 + i for i, char in enumerate(alphabet)})
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def build_shapes_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` (written locally, loaded from files) with the scene words as whole tokens."""
+    merges = bpe_merges_for(SHAPES_WORDS)
+    with tempfile.TemporaryDirectory(prefix="deft-shapes-tok-") as tmp:
+        folder = Path(tmp)
+        (folder / "vocab.json").write_text(json.dumps(_vocab(merges)), encoding="utf-8")
+        lines = "\n".join(f"{left} {right}" for left, right in merges)
+        (folder / "merges.txt").write_text(f"#version: 0.2\n{lines}\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=MAX_TOKENS)
+
+
+def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    """x8 KL autoencoder, 3 -> 4 latent channels: 64x64 scenes become 4x8x8 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=1.0,  # the recipe measures the latents' spread and writes the real value
+    )
+
+
+def _unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=16,
+        attention_head_dim=tuple(c // 32 for c in UNET_CHANNELS),  # number of heads (diffusers' name)
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADD_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * ADD_TIME_EMBED_DIM + TEXT_HIDDEN,
+    )
+
+
+def _scheduler() -> DPMSolverMultistepScheduler:
+    """SDXL's noise schedule; DPM-Solver++ (2nd order) with trailing spacing samples it in few steps."""
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+    )
+
+
+def build_shapes_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """The untrained ``shapes-sdxl`` pipeline (seeded initialisation) the training recipe starts from."""
+    tokenizer, tokenizer_2 = build_shapes_tokenizer("<|endoftext|>"), build_shapes_tokenizer("!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2))
+    torch.manual_seed(seed + 2)
+    unet = _unet()
+    torch.manual_seed(seed + 3)
+    vae = _vae()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(),  # type: ignore[arg-type]  # diffusers annotates an Enum here
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def shapes_defaults(directory: str | Path = SHAPES_MODEL_DIR) -> dict[str, float | int]:
+    """The generation defaults recorded next to a saved shapes model (steps, guidance, size)."""
+    return dict(json.loads((Path(directory) / DEFAULTS_FILE).read_text(encoding="utf-8")))

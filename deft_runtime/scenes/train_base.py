@@ -1,0 +1,366 @@
+"""Train ``shapes-sdxl`` from scratch: ``python -m deft_runtime.scenes.train_base --out DIR``.
+
+Three stages, all from one seed, on at most two CPU threads:
+
+1. render the training scenes (the held-out 10% of combinations never appear);
+2. train the x8 VAE on them (L1 + MSE reconstruction, a whisper of KL), then encode every scene and
+   set ``scaling_factor`` so latents have unit spread;
+3. train the UNet and both CLIP text encoders jointly on the denoising loss (epsilon prediction,
+   min-SNR weighting, 10% of captions dropped to the all-zero embedding that SDXL's pipeline uses
+   for classifier-free guidance), keeping an exponential moving average whose weights are saved.
+
+``DIR`` becomes an ordinary ``StableDiffusionXLPipeline`` directory plus ``deft.json`` (the
+generation defaults) and ``train_log.jsonl`` (one JSON object per logged step and per evaluation).
+A checkpoint is saved to ``DIR/checkpoint`` every ``--checkpoint-every`` steps with a quick parser
+evaluation of the EMA weights, so an interrupted run still leaves its best model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from tqdm import tqdm
+
+from deft_runtime.models.shapes import DEFAULTS_FILE, build_shapes_sdxl
+from deft_runtime.scenes.language import Scene, caption, sample_scene
+from deft_runtime.scenes.quality import evaluate_pipeline, evaluation_scenes
+from deft_runtime.scenes.render import render
+
+__all__ = ["TrainBaseConfig", "encode_prompts", "main", "train_base"]
+
+
+@dataclass(frozen=True)
+class TrainBaseConfig:
+    seed: int = 0
+    threads: int = 1  # on a shared 2-core machine one thread is ~4x faster than two fighting
+    num_images: int = 16_000
+    vae_steps: int = 400
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 3_500
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    text_lr: float = 2e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 500
+    eval_scenes: int = 40
+    log_every: int = 20
+    steps: int = 25  # the generation defaults recorded in deft.json
+    guidance_scale: float = 5.0
+
+
+class RunLog:
+    """JSON lines to ``path`` (flushed per line) so a long run can be followed with ``tail -f``."""
+
+    def __init__(self, path: Path) -> None:
+        self.file: TextIO = path.open("a", encoding="utf-8")
+        self.start = time.monotonic()
+
+    def write(self, **record: Any) -> None:
+        record["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def render_dataset(config: TrainBaseConfig) -> tuple[torch.Tensor, list[str]]:
+    """``[N, 3, 64, 64]`` uint8 images and their captions, from the training combinations only."""
+    rng = np.random.default_rng(config.seed)
+    scenes: list[Scene] = [sample_scene(rng, held_out=False) for _ in range(config.num_images)]
+    images = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    return images, [caption(s) for s in scenes]
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.45 * (1 + np.cos(np.pi * progress))
+
+
+def train_vae(
+    pipe: StableDiffusionXLPipeline, images: torch.Tensor, config: TrainBaseConfig, log: RunLog
+) -> None:
+    vae = pipe.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed + 10)
+    bar = tqdm(range(config.vae_steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.vae_lr * _cosine_lr(step, config.vae_steps, 50)
+        index = torch.randint(len(images), (config.vae_batch,), generator=generator)
+        x = _to_unit(images[index])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        rec = (recon - x).pow(2).mean() + (recon - x).abs().mean()
+        kl = posterior.kl().mean()
+        loss = rec + config.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % config.log_every == 0 or step == config.vae_steps - 1:
+            bar.set_postfix(rec=f"{rec.item():.4f}")
+            log.write(stage="vae", step=step, reconstruction=rec.item(), kl=kl.item())
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_dataset(
+    pipe: StableDiffusionXLPipeline, images: torch.Tensor, log: RunLog
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, and set the VAE's ``scaling_factor`` from their spread."""
+    means, stds = [], []
+    for chunk in tqdm(images.split(512), desc="encode", dynamic_ncols=True):
+        dist = pipe.vae.encode(_to_unit(chunk)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / mean.std())
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    log.write(
+        stage="encode",
+        scaling_factor=scaling,
+        latent_mean=float(mean.mean()),
+        posterior_std=float(std.mean()),
+    )
+    return mean, std
+
+
+def encode_prompts(
+    pipe: StableDiffusionXLPipeline, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds [B, L, 128], pooled [B, 64])`` exactly as ``pipe.encode_prompt`` computes them, with grad."""
+    hidden = []
+    pooled = torch.empty(0)
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out = encoder(ids, output_hidden_states=True)
+        pooled = out[0]  # text_encoder_2's projected pooled embedding (the loop's last value is kept)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+class EMA:
+    """Exponential moving average of a set of parameters (warm-up: decay ramps from 0.9)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params = params
+        self.shadow = [p.detach().clone() for p in params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Swap the averaged weights in for the duration of the block."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
+
+def _denoiser_loss(
+    pipe: StableDiffusionXLPipeline,
+    x0: torch.Tensor,
+    prompts: list[str],
+    generator: torch.Generator,
+    config: TrainBaseConfig,
+    time_ids: torch.Tensor,
+) -> torch.Tensor:
+    batch = x0.shape[0]
+    alphas = pipe.scheduler.alphas_cumprod
+    t = torch.randint(0, len(alphas), (batch,), generator=generator)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=generator)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    embeds, pooled = encode_prompts(pipe, prompts)
+    keep = (torch.rand(batch, generator=generator) >= config.caption_dropout).float()
+    embeds, pooled = embeds * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)  # dropped = zeros, as in CFG
+    pred = pipe.unet(
+        noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}
+    ).sample
+    snr = a.view(-1) / (1 - a.view(-1))
+    weight = torch.clamp(snr, max=config.min_snr_gamma) / snr
+    return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _time_ids(pipe: StableDiffusionXLPipeline) -> torch.Tensor:
+    size = int(pipe.default_sample_size * pipe.vae_scale_factor)
+    return pipe._get_add_time_ids(
+        (size, size),
+        (0, 0),
+        (size, size),
+        dtype=torch.float32,
+        text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim),
+    )
+
+
+def train_denoiser(
+    pipe: StableDiffusionXLPipeline,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    captions: list[str],
+    config: TrainBaseConfig,
+    out: Path,
+    log: RunLog,
+) -> EMA:
+    text_params = [*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()]
+    unet_params = list(pipe.unet.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": unet_params, "lr": config.unet_lr}, {"params": text_params, "lr": config.text_lr}],
+        weight_decay=0.01,
+    )
+    peaks = [config.unet_lr, config.text_lr]
+    ema = EMA(unet_params + text_params, config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed + 20)
+    mean, std = latents
+    scaling, time_ids = pipe.vae.config.scaling_factor, _time_ids(pipe)
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        module.train()
+    bar = tqdm(range(config.unet_steps), desc="unet+text", dynamic_ncols=True)
+    for step in bar:
+        for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+            group["lr"] = peak * _cosine_lr(step, config.unet_steps, config.warmup_steps)
+        index = torch.randint(len(captions), (config.unet_batch,), generator=generator)
+        x0 = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling
+        loss = _denoiser_loss(pipe, x0, [captions[i] for i in index.tolist()], generator, config, time_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet_params + text_params, 1.0)
+        optimizer.step()
+        ema.update()
+        if step % config.log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(stage="unet", step=step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.unet_steps:
+            with ema.applied():
+                _checkpoint(pipe, config, out / "checkpoint", log, step + 1)
+    return ema
+
+
+def _checkpoint(
+    pipe: StableDiffusionXLPipeline, config: TrainBaseConfig, target: Path, log: RunLog, step: int
+) -> None:
+    """Save the pipeline (atomically replacing ``target``) and log a quick parser evaluation."""
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval()
+    save_pipeline(pipe, config, target)
+    scores = evaluate_pipeline(
+        pipe,
+        evaluation_scenes(config.eval_scenes, seed=1),
+        steps=config.steps,
+        guidance_scale=config.guidance_scale,
+    )
+    log.write(stage="eval", step=step, **scores.summary())
+    tqdm.write(f"step {step}: {json.dumps(scores.summary())}")
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        module.train()
+
+
+def save_pipeline(pipe: StableDiffusionXLPipeline, config: TrainBaseConfig, target: Path) -> None:
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    size = int(pipe.default_sample_size * pipe.vae_scale_factor)
+    defaults = {
+        "num_inference_steps": config.steps,
+        "guidance_scale": config.guidance_scale,
+        "width": size,
+        "height": size,
+        "recipe": dataclasses.asdict(config),
+    }
+    (staging / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n", encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def train_base(config: TrainBaseConfig, out: Path) -> StableDiffusionXLPipeline:
+    torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out / "train_log.jsonl")
+    log.write(stage="start", config=dataclasses.asdict(config))
+    pipe = build_shapes_sdxl(config.seed)
+    pipe.set_progress_bar_config(disable=True)
+    images, captions = render_dataset(config)
+    log.write(stage="data", images=len(captions))
+    train_vae(pipe, images, config, log)
+    latents = encode_dataset(pipe, images, log)
+    del images
+    ema = train_denoiser(pipe, latents, captions, config, out, log)
+    with ema.applied():
+        final = out / "pipeline"
+        _checkpoint(pipe, config, final, log, config.unet_steps)
+        ema_pipe = StableDiffusionXLPipeline.from_pretrained(final)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    log.write(stage="done")
+    return ema_pipe
+
+
+def _parse_args(argv: Sequence[str] | None) -> tuple[TrainBaseConfig, Path]:
+    parser = argparse.ArgumentParser(
+        prog="python -m deft_runtime.scenes.train_base", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run directory; the model lands in OUT/pipeline"
+    )
+    parser.add_argument("--pilot", action="store_true", help="a 2-3 minute smoke run of the whole recipe")
+    for field in dataclasses.fields(TrainBaseConfig):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=None)
+    args = parser.parse_args(argv)
+    config = TrainBaseConfig()
+    if args.pilot:
+        config = dataclasses.replace(
+            config, num_images=2000, vae_steps=100, unet_steps=150, checkpoint_every=75, eval_scenes=16
+        )
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None
+    }
+    return dataclasses.replace(config, **overrides), args.out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config, out = _parse_args(argv)
+    train_base(config, out)
+    print(f"saved {out / 'pipeline'}")
+
+
+if __name__ == "__main__":
+    main()
