@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -182,7 +183,9 @@ def test_generation_keeps_completing_while_adapters_are_deleted_and_reregistered
                 name = names[i % len(names)]
                 i += 1
                 before = outcomes["generate:OK"]
-                record("generate", lambda n=name: c.generate("x", adapters=[n], steps=TINY_STEPS, seed=i))
+                record(
+                    "generate", lambda n=name, s=i: c.generate("x", adapters=[n], steps=TINY_STEPS, seed=s)
+                )
                 if outcomes["generate:OK"] > before:
                     completed_at.append(time.monotonic())
 
@@ -204,7 +207,9 @@ def test_generation_keeps_completing_while_adapters_are_deleted_and_reregistered
     for t in threads:
         t.join(CHURN_SECONDS + 3 * RPC_TIMEOUT_S)
     assert not any(t.is_alive() for t in threads), f"a client is stuck: {dict(outcomes)}"
-    assert not errors, f"{errors[:3]} after {time.monotonic() - start:.0f}s; outcomes {dict(outcomes)}"
+    assert not errors, (
+        f"{errors[:3]} after {time.monotonic() - start:.0f}s; outcomes {dict(outcomes)}\n{server.log()[-4000:]}"
+    )
     allowed = {
         "generate:OK", "generate:NOT_FOUND",
         "delete:OK", "delete:NOT_FOUND", "delete:FAILED_PRECONDITION",
@@ -245,11 +250,8 @@ def _fill(folder: Path, keep_free: int = 0) -> Path:
     """Fill the filesystem of ``folder`` up to ``keep_free`` bytes with one file."""
     filler = folder / "filler"
     free = shutil.disk_usage(folder).free - keep_free
-    with filler.open("wb") as f:
-        try:
-            f.write(b"\0" * max(free, 0))
-        except OSError:
-            pass
+    with filler.open("wb") as f, contextlib.suppress(OSError):  # full: that is the point
+        f.write(b"\0" * max(free, 0))
     return filler
 
 
