@@ -77,6 +77,7 @@ class AdapterRegistry:
         on_load: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.store = store
+        self.cache = store.cache
         self.base = base
         self.read_limits = read_limits
         self.max_rank = max_rank
@@ -100,11 +101,11 @@ class AdapterRegistry:
             return
         cached = compiled = 0
         for record in records:
-            if self.store.compiled_path(record.sha256, self.base_digest).is_file():
+            if self.cache.compiled_path(record.sha256, self.base_digest).is_file():
                 cached += 1
                 continue
             try:
-                self.store.save_compiled(record.sha256, self.base_digest, self._compile_blob(record))
+                self.cache.save_compiled(record.sha256, self.base_digest, self._compile_blob(record))
                 compiled += 1
             except (InvalidAdapter, AdapterIncompatible) as e:
                 self._incompatible[record.name] = (record.sha256, str(e))
@@ -138,7 +139,7 @@ class AdapterRegistry:
             incompatible = self._incompatible.get(name)
         if incompatible is not None and incompatible[0] == record.sha256:
             raise AdapterIncompatible(f"adapter {name!r}: {incompatible[1]}")
-        compiled = self.store.load_compiled(record.sha256, self.base_digest)
+        compiled = self.cache.load_compiled(record.sha256, self.base_digest)
         if compiled is None:  # not compiled for this base yet (or the cache file went missing)
             try:
                 compiled = self._compile_blob(record)
@@ -146,7 +147,7 @@ class AdapterRegistry:
                 with self._lock:
                     self._incompatible[name] = (record.sha256, str(e))
                 raise AdapterIncompatible(f"adapter {name!r}: {e}") from e
-            self.store.save_compiled(record.sha256, self.base_digest, compiled)
+            self.cache.save_compiled(record.sha256, self.base_digest, compiled)
         self.on_load(time.perf_counter() - start)
         return record.sha256, compiled
 
@@ -163,7 +164,7 @@ class AdapterRegistry:
         self.store.check()  # never accept a registration into a registry that has gone away
         self.check_free(name)
         fmt = upload_format or (UploadFormat.PEFT_TAR if is_tar(upload.path) else UploadFormat.SAFETENSORS)
-        with tempfile.TemporaryDirectory(dir=self.store.tmp) as work:
+        with tempfile.TemporaryDirectory(dir=self.cache.tmp) as work:
             adapter = self._read(upload.path, fmt, Path(work))
             compiled = self._compile(name, adapter)
         record = AdapterRecord(
@@ -182,9 +183,9 @@ class AdapterRegistry:
         # both steps are safe to race: the compiled cache is content-addressed and written atomically,
         # and the store's commit is the one place a name is taken (AdapterExists if it lost the race);
         # the claim keeps other processes' garbage collection off these files until the row exists
-        with self.store.claim(record.sha256):
+        with self.cache.claim(record.sha256):
             try:
-                self.store.save_compiled(record.sha256, self.base_digest, compiled)
+                self.cache.save_compiled(record.sha256, self.base_digest, compiled)
                 self.store.commit(record, upload.path)
             except BaseException:
                 with contextlib.suppress(Exception):  # else the next start collects them
@@ -209,7 +210,7 @@ class AdapterRegistry:
         return self.base.compile(adapter, max_rank=self.max_rank)
 
     def _compile_blob(self, record: AdapterRecord) -> CompiledAdapter:
-        with tempfile.TemporaryDirectory(dir=self.store.tmp) as work:
+        with tempfile.TemporaryDirectory(dir=self.cache.tmp) as work:
             adapter = self._read(
                 self.store.blob_path(record.sha256), UploadFormat(record.upload_format), Path(work)
             )

@@ -8,17 +8,14 @@ Two backends share one interface, :class:`AdapterStore`:
   the uploaded bytes in PostgreSQL, shared by every replica; ``--data-dir`` then holds only this
   replica's caches. ``deploy/README.md`` argues the choice against an object store.
 
-Local layout under ``--data-dir``::
-
-    registry.sqlite3                            the SQLite index (SQLite backend only)
-    blobs/sha256/ab/abcdef…                      uploaded bytes by sha256 (SQLite: the blobs themselves;
-                                                 PostgreSQL: a cache, filled on first use)
-    compiled/<base digest>/<sha256>.safetensors  compiled factors (B, A) per layer, float32 (a cache)
-    tmp/<pid>-<token>/                          this process's uploads in progress
+The index is the half that differs per backend; this process's files under ``--data-dir`` (blobs or
+their cache, compiled factors, uploads in progress, garbage collection) are the
+:class:`~deft_server.local_cache.LocalCache` every store has as ``store.cache``. With SQLite the index is
+``registry.sqlite3`` beside them.
 
 **Atomicity.** :meth:`AdapterStore.commit` makes an adapter visible in one transaction, after (SQLite)
 or together with (PostgreSQL) its bytes. A crash at any point leaves either no row (never registered;
-stray bytes are collected later) or a complete adapter. Compiled factors are a cache: a missing file is
+its files are orphans, removed at the next start) or a complete adapter. Compiled factors are a cache: a missing file is
 recompiled.
 
 **Schema versioning.** Each backend records its schema version and applies migrations in order; a
@@ -32,25 +29,20 @@ import errno
 import json
 import logging
 import os
-import secrets
-import shutil
 import sqlite3
 import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from deft_server.errors import AdapterExists, RegistryUnavailable
+from deft_server.local_cache import LocalCache
 
-from deft_runtime.adapter import AdapterKind, BaseFingerprint
-from deft_runtime.compile import CompiledAdapter, LowRankFactors
-from deft_runtime.errors import AdapterFormatError, AdapterNotFound, DeftError
-from deft_runtime.formats.safetensors_io import read_safetensors, write_safetensors_atomic
+from deft_runtime.errors import AdapterNotFound, DeftError
 
 if TYPE_CHECKING:
     from deft_runtime.adapter import Adapter
@@ -82,11 +74,6 @@ COLUMNS = (
     "name, sha256, upload_format, source_format, kind, decomposition, ranks, target_count, "
     "size_bytes, compiled_bytes, metadata, created_at"
 )
-_COMPILED_FORMAT = "deft.compiled"
-#: bytes kept free in ``--data-dir`` (a file released when the disk is full), so deleting adapters, which
-#: needs a little space for SQLite's journal, works on a full disk and frees the space
-RESERVE_BYTES = 1 << 20
-RESERVE_NAME = ".space-reserve"
 
 
 class StoreError(DeftError):
@@ -156,36 +143,24 @@ def not_found(name: str) -> AdapterNotFound:
 
 
 class AdapterStore(ABC):
-    """The registry's index and bytes (backend-specific) plus this process's local caches (shared code).
+    """The registry's index of adapters and their bytes (backend-specific), with this process's
+    :class:`~deft_server.local_cache.LocalCache` under ``root`` (``--data-dir``) as ``cache``.
 
-    Thread-safe; every method does blocking I/O. ``root`` is the local folder (``--data-dir``).
+    Thread-safe; every method does blocking I/O. Look-ups (``find``, ``records``, ``count``,
+    ``references``) have no side effects.
     """
 
     #: whether other processes may change the index at any time (then nothing is assumed from startup)
     shared: bool = False
 
     def __init__(self, root: Path) -> None:
-        self.root = root.expanduser()
-        self.blobs = self.root / "blobs" / "sha256"
-        self.compiled = self.root / "compiled"
-        tmp_root = self.root / "tmp"
-        for folder in (self.blobs, self.compiled, tmp_root):
-            folder.mkdir(parents=True, exist_ok=True)
-        _clear_abandoned_tmp(tmp_root)
-        self.tmp_root = tmp_root
-        self.tmp = tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
-        self._claims = tmp_root / f"{self.tmp.name}.claims"  # beside tmp: uploads stay alone in there
-        self._claims.mkdir()
-        self._reserve = self.root / RESERVE_NAME
-        self.ensure_reserve()
+        self.cache = LocalCache(root)
+        self.root = self.cache.root
 
     @property
     @abstractmethod
     def location(self) -> str:
         """Where the index lives, for logs and messages (never with a password)."""
-
-    # ------------------------------------------------------------------ index (backend)
 
     @abstractmethod
     def records(self) -> list[AdapterRecord]:
@@ -220,51 +195,11 @@ class AdapterStore(ABC):
         """A local file holding the uploaded bytes ``sha256`` (fetched into the cache if needed)."""
 
     def close(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        shutil.rmtree(self._claims, ignore_errors=True)
+        self.cache.close()
 
     def check(self) -> None:
         """Raise :class:`RegistryUnavailable` when the index cannot be used now (health probes this)."""
         self.count()
-
-    # ------------------------------------------------------------------ shared helpers
-
-    @contextlib.contextmanager
-    def claim(self, sha256: str) -> Iterator[None]:
-        """Mark the files of ``sha256`` as being written by this process until its row is committed, so
-        another process's garbage collection (at its start) leaves them alone; unclaimed files that no row
-        names are orphans and are removed at once."""
-        marker = self._claims / sha256
-        marker.touch()
-        try:
-            yield
-        finally:
-            marker.unlink(missing_ok=True)
-
-    def ensure_reserve(self) -> None:
-        """Keep :data:`RESERVE_BYTES` set aside (best effort: on a full disk it is made later)."""
-        if self._reserve.is_file() and self._reserve.stat().st_size >= RESERVE_BYTES:
-            return
-        try:
-            with self._reserve.open("wb") as f:
-                f.write(bytes(RESERVE_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError:
-            self._reserve.unlink(missing_ok=True)
-
-    def release_reserve(self) -> bool:
-        """Free the reserved bytes (the disk is full); whether there were any."""
-        try:
-            self._reserve.unlink()
-        except FileNotFoundError:
-            return False
-        log.warning(
-            "the disk of %s is full: released %d reserved bytes to complete a deletion",
-            self.root,
-            RESERVE_BYTES,
-        )
-        return True
 
     def get(self, name: str) -> AdapterRecord:
         record = self.find(name)
@@ -272,96 +207,14 @@ class AdapterStore(ABC):
             raise not_found(name)
         return record
 
-    def local_blob_path(self, sha256: str) -> Path:
-        return self.blobs / sha256[:2] / sha256
-
-    def _place_blob(self, received: Path, sha256: str) -> Path:
-        """Move ``received`` into its content-addressed local place (a no-op if already there)."""
-        target = self.local_blob_path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            received.unlink(missing_ok=True)
-        else:
-            os.replace(received, target)
-            _fsync_dir(target.parent)
-        return target
-
     def drop_unreferenced(self, sha256: str) -> None:
         """Drop this process's files of ``sha256`` unless a registered adapter still has those bytes."""
         if not self.references(sha256):
-            self.drop_local(sha256)
-
-    def drop_local(self, sha256: str) -> None:
-        """Forget this process's cached bytes and compiled factors of ``sha256``."""
-        self.local_blob_path(sha256).unlink(missing_ok=True)
-        for compiled in self.compiled.glob(f"*/{sha256}.safetensors"):
-            compiled.unlink(missing_ok=True)
+            self.cache.drop(sha256)
 
     def collect_garbage(self) -> None:
-        """Delete local bytes and compiled files that no registered adapter names and no running process
-        is writing (a crash mid-registration leaves such orphans; they are removed at the next start).
-
-        The order makes it safe against processes registering meanwhile: files are listed first, then
-        the claims of running processes, then the rows. A file written after the listing is not seen; a
-        file seen was claimed before it was written, and its claim is dropped only after its row exists.
-        """
-        files = [*self.blobs.glob("*/*"), *self.compiled.glob("*/*.safetensors")]
-        partial = list(self.compiled.glob("*/.*.tmp-*"))  # atomic writes cut short by a crash
-        wanted = self._claimed() | {r.sha256 for r in self.records()}
-        removed = 0
-        for path in files:
-            if path.name.removesuffix(".safetensors") not in wanted:
-                path.unlink(missing_ok=True)
-                removed += 1
-        for path in partial:
-            pid = path.name.rsplit("-", 1)[-1]
-            if not (pid.isdigit() and _alive(int(pid))):
-                path.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.info("removed %d orphan file(s) from %s", removed, self.root)
-
-    def _claimed(self) -> set[str]:
-        """sha256s that running processes (this one included) are registering now."""
-        return {marker.name for marker in self.tmp_root.glob("*.claims/*")}
-
-    # ------------------------------------------------------------------ compiled factors (local cache)
-
-    def compiled_path(self, sha256: str, base_digest: str) -> Path:
-        return self.compiled / base_digest / f"{sha256}.safetensors"
-
-    def save_compiled(self, sha256: str, base_digest: str, compiled: CompiledAdapter) -> None:
-        tensors = {}
-        for layer, f in compiled.factors.items():
-            tensors[f"{layer}.B"], tensors[f"{layer}.A"] = f.B.float(), f.A.float()
-        metadata = {"format": _COMPILED_FORMAT, "kind": compiled.kind.value, "base_digest": base_digest}
-        if compiled.fingerprint is not None:
-            metadata["fingerprint"] = compiled.fingerprint.to_json()
-        write_safetensors_atomic(self.compiled_path(sha256, base_digest), tensors, metadata)
-
-    def load_compiled(self, sha256: str, base_digest: str) -> CompiledAdapter | None:
-        """The cached factors, or None when they are not cached (or the file is not ours)."""
-        path = self.compiled_path(sha256, base_digest)
-        if not path.is_file():
-            return None
-        try:
-            tensors, metadata = read_safetensors(path)
-        except AdapterFormatError:
-            return None
-        if metadata.get("format") != _COMPILED_FORMAT or metadata.get("base_digest") != base_digest:
-            return None
-        factors = {
-            layer: LowRankFactors(B=tensors[f"{layer}.B"], A=tensors[f"{layer}.A"])
-            for layer in _layers(tensors)
-        }
-        fingerprint = (
-            BaseFingerprint.from_json(metadata["fingerprint"]) if "fingerprint" in metadata else None
-        )
-        return CompiledAdapter(
-            kind=AdapterKind(metadata["kind"]),
-            factors=factors,
-            fingerprint=fingerprint,  # type: ignore[arg-type]
-        )
+        """Remove local files no registered adapter names (see :meth:`LocalCache.collect_garbage`)."""
+        self.cache.collect_garbage(lambda: {r.sha256 for r in self.records()})
 
 
 class SQLiteStore(AdapterStore):
@@ -438,7 +291,7 @@ class SQLiteStore(AdapterStore):
     def commit(self, record: AdapterRecord, received: Path) -> None:
         placeholders = ", ".join("?" * len(record.row()))
         try:
-            self._place_blob(received, record.sha256)
+            self.cache.place_blob(received, record.sha256)
             with self._lock, self._db:
                 self._db.execute(f"INSERT INTO adapters ({COLUMNS}) VALUES ({placeholders})", record.row())
         except sqlite3.IntegrityError as e:
@@ -454,11 +307,11 @@ class SQLiteStore(AdapterStore):
         try:
             self._delete_row(name)
         except sqlite3.OperationalError as e:
-            if not (_is_disk_full(e) and self.release_reserve()):
+            if not (_is_disk_full(e) and self.cache.release_reserve()):
                 raise
             self._delete_row(name)  # with the reserved bytes free
         self.drop_unreferenced(record.sha256)
-        self.ensure_reserve()
+        self.cache.ensure_reserve()
         return record
 
     def _delete_row(self, name: str) -> None:
@@ -471,7 +324,7 @@ class SQLiteStore(AdapterStore):
         return row is not None
 
     def blob_path(self, sha256: str) -> Path:
-        return self.local_blob_path(sha256)
+        return self.cache.blob_path(sha256)
 
     def close(self) -> None:
         with self._lock:
@@ -531,7 +384,7 @@ def read_registered_adapter(
     try:
         record = store.get(name)
         path = store.blob_path(record.sha256)
-        with tempfile.TemporaryDirectory(dir=store.tmp) as work:
+        with tempfile.TemporaryDirectory(dir=store.cache.tmp) as work:
             if record.upload_format == "peft_tar":
                 path = extract_archive(path, Path(work), limits.max_file_bytes)
             adapter = load_adapter(path, limits=limits, unet_config=unet_config)
@@ -539,18 +392,6 @@ def read_registered_adapter(
         return adapter
     finally:
         store.close()
-
-
-def _clear_abandoned_tmp(tmp_root: Path) -> None:
-    """Remove uploads in progress of processes that no longer run (and files of older layouts)."""
-    for entry in tmp_root.iterdir():
-        pid = entry.name.split("-", 1)[0]
-        if entry.is_dir() and pid.isdigit() and _alive(int(pid)):
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def _file_identity(path: Path) -> tuple[int, int]:
@@ -565,29 +406,3 @@ def _is_disk_full(error: sqlite3.Error) -> bool:
         or "disk is full" in str(error)
         or (isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC)
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _layers(tensors: dict[str, torch.Tensor]) -> Iterator[str]:
-    return (key.removesuffix(".B") for key in tensors if key.endswith(".B"))
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

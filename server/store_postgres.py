@@ -212,7 +212,7 @@ class PostgresStore(AdapterStore):
             except self._pg.errors.ForeignKeyViolation:  # the same bytes were deleted meanwhile
                 if attempt:
                     raise
-        self._place_blob(received, record.sha256)  # warm this replica's cache
+        self.cache.place_blob(received, record.sha256)  # warm this replica's cache
 
     def _commit_once(self, record: AdapterRecord, received: Path) -> None:
         placeholders = ", ".join(["%s"] * len(record.row()))
@@ -244,18 +244,18 @@ class PostgresStore(AdapterStore):
                 (record.sha256, record.sha256),
             ).rowcount
         if orphaned:
-            self.drop_local(record.sha256)
+            self.cache.drop(record.sha256)
         return record
 
     # ------------------------------------------------------------------ bytes
 
     def blob_path(self, sha256: str) -> Path:
         """The cached copy, or the bytes streamed from the database into the cache (hash-checked)."""
-        local = self.local_blob_path(sha256)
+        local = self.cache.blob_path(sha256)
         if local.is_file():
             return local
         digest = hashlib.sha256()
-        fd, name = tempfile.mkstemp(prefix="blob-", dir=self.tmp)
+        fd, name = tempfile.mkstemp(prefix="blob-", dir=self.cache.tmp)
         try:
             with os.fdopen(fd, "wb") as out, self._bulk_transaction() as conn:
                 cursor = conn.cursor(name=f"blob_{sha256[:16]}")  # server-side: chunk by chunk
@@ -270,7 +270,7 @@ class PostgresStore(AdapterStore):
                     f"the registry at {self.location} holds no intact copy of blob {sha256[:12]}… "
                     "(missing or corrupted chunks); register the adapter again"
                 )
-            return self._place_blob(Path(name), sha256)
+            return self.cache.place_blob(Path(name), sha256)
         finally:
             Path(name).unlink(missing_ok=True)
 

@@ -134,10 +134,10 @@ def _record(name: str, sha: str = "ab" * 32) -> AdapterRecord:
 
 def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
     store = SQLiteStore(tmp_path)
-    store.commit(_record("a"), _write(store.tmp / "x", b"x"))
+    store.commit(_record("a"), _write(store.cache.tmp / "x", b"x"))
     assert store.get("a") == store.records()[0] and store.get("a").ranks == (2, 4)
     with pytest.raises(AdapterExists, match="already registered"):
-        store.commit(_record("a"), _write(store.tmp / "y", b"y"))
+        store.commit(_record("a"), _write(store.cache.tmp / "y", b"y"))
     store.close()
     db = sqlite3.connect(tmp_path / "registry.sqlite3")
     assert db.execute("PRAGMA user_version").fetchone() == (1,)
@@ -150,26 +150,26 @@ def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
 
 def test_store_start_up_clears_dead_uploads_and_every_unclaimed_orphan(tmp_path):
     store = SQLiteStore(tmp_path)
-    store.commit(_record("a", "cd" * 32), _write(store.tmp / "k", b"kept"))
+    store.commit(_record("a", "cd" * 32), _write(store.cache.tmp / "k", b"kept"))
     orphan, claimed = "ef" * 32, "12" * 32  # files a crash left before their rows were inserted
     dead = tmp_path / "tmp" / "999999999-dead"  # the upload folder of a process that died ...
     _write(tmp_path / "tmp" / f"{dead.name}.claims" / orphan, b"")  # ... mid-registration: claim dies too
     _write(dead / "upload-1.part", b"half")
     for sha in (orphan, claimed):
-        _write(store.local_blob_path(sha), b"orphan")
-        _write(store.compiled_path(sha, "digest"), b"factors")
-    partial = store.compiled / "digest" / ".x.safetensors.tmp-999999999"  # an atomic write cut short
+        _write(store.cache.blob_path(sha), b"orphan")
+        _write(store.cache.compiled_path(sha, "digest"), b"factors")
+    partial = store.cache.compiled / "digest" / ".x.safetensors.tmp-999999999"  # an atomic write cut short
     _write(partial, b"half")
-    live = store.tmp  # this process's: another store in a running process must not lose its uploads
+    live = store.cache.tmp  # this process's: another store in a running process must not lose its uploads
     _write(live / "upload-2.part", b"in progress")
 
-    with store.claim(claimed):  # this (running) process is registering these bytes right now
+    with store.cache.claim(claimed):  # this (running) process is registering these bytes right now
         other = SQLiteStore(tmp_path)
     assert not dead.exists() and not (tmp_path / "tmp" / f"{dead.name}.claims").exists()
-    assert (live / "upload-2.part").exists() and other.tmp != live
+    assert (live / "upload-2.part").exists() and other.cache.tmp != live
     assert other.blob_path("cd" * 32).read_bytes() == b"kept"
-    assert not other.blob_path(orphan).exists() and not other.compiled_path(orphan, "digest").exists()
-    assert other.blob_path(claimed).exists() and other.compiled_path(claimed, "digest").exists()
+    assert not other.blob_path(orphan).exists() and not other.cache.compiled_path(orphan, "digest").exists()
+    assert other.blob_path(claimed).exists() and other.cache.compiled_path(claimed, "digest").exists()
     assert not partial.exists()
     with pytest.raises(AdapterNotFound):
         other.remove("nope")
@@ -177,7 +177,7 @@ def test_store_start_up_clears_dead_uploads_and_every_unclaimed_orphan(tmp_path)
     assert not live.exists()  # a clean close removes the process's own folder
     other.close()
     third = SQLiteStore(tmp_path)  # nobody claims them any more: collected at this start
-    assert not third.blob_path(claimed).exists() and not third.compiled_path(claimed, "digest").exists()
+    assert not third.blob_path(claimed).exists() and not third.cache.compiled_path(claimed, "digest").exists()
     third.close()
 
 
@@ -198,16 +198,16 @@ def test_store_health_check_notices_a_removed_or_replaced_database(tmp_path):
 def test_a_failed_commit_leaves_no_blob_or_compiled_file(tmp_path, monkeypatch):
     store = SQLiteStore(tmp_path)
     sha = "ab" * 32
-    _write(store.compiled_path(sha, "digest"), b"factors")
+    _write(store.cache.compiled_path(sha, "digest"), b"factors")
 
     def full(*args, **kwargs):
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(store, "_db", _FailingDb(store._db, full))
     with pytest.raises(sqlite3.OperationalError):
-        store.commit(_record("a", sha), _write(store.tmp / "u", b"bytes"))
+        store.commit(_record("a", sha), _write(store.cache.tmp / "u", b"bytes"))
     monkeypatch.undo()
-    assert not store.local_blob_path(sha).exists() and not store.compiled_path(sha, "digest").exists()
+    assert not store.cache.blob_path(sha).exists() and not store.cache.compiled_path(sha, "digest").exists()
     store.close()
 
 
@@ -287,8 +287,8 @@ def test_registry_caches_compiled_factors_across_restarts_and_bases(tmp_path, pe
         registry.load_compiled("dog")
     assert [r.name for r in registry.records()] == ["dog"]  # kept, just not usable here
     registry.delete("dog")
-    assert not registry.exists("dog") and not any(registry.store.blobs.glob("*/*"))
-    assert not any(registry.store.compiled.glob("*/*"))
+    assert not registry.exists("dog") and not any(registry.store.cache.blobs.glob("*/*"))
+    assert not any(registry.store.cache.compiled.glob("*/*"))
 
 
 def test_a_failed_registration_leaves_nothing(tmp_path, peft_dir):
@@ -297,5 +297,5 @@ def test_a_failed_registration_leaves_nothing(tmp_path, peft_dir):
     upload.write(b"not an adapter at all" * 10)
     with pytest.raises(InvalidAdapter):  # a "header length" of ~7e18: refused before any allocation
         registry.register("bad", upload.finish(), UploadFormat.SAFETENSORS, {})
-    assert registry.records() == [] and not any(registry.store.blobs.glob("*/*"))
-    assert not any(registry.store.tmp.iterdir())
+    assert registry.records() == [] and not any(registry.store.cache.blobs.glob("*/*"))
+    assert not any(registry.store.cache.tmp.iterdir())

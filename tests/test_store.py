@@ -36,7 +36,7 @@ def _record(name: str, data: bytes) -> AdapterRecord:
 
 
 def _upload(store: AdapterStore, data: bytes) -> Path:
-    path = store.tmp / f"upload-{hashlib.sha256(data).hexdigest()[:8]}"
+    path = store.cache.tmp / f"upload-{hashlib.sha256(data).hexdigest()[:8]}"
     path.write_bytes(data)
     return path
 
@@ -67,7 +67,7 @@ def test_commit_find_remove_round_trip(make_store):
     assert store.blob_path(record.sha256).read_bytes() == data
     assert store.remove("dog") == record
     assert store.records() == [] and store.count() == 0
-    assert not store.local_blob_path(record.sha256).exists()
+    assert not store.cache.blob_path(record.sha256).exists()
     with pytest.raises(AdapterNotFound, match="no adapter named 'dog'"):
         store.remove("dog")
     with pytest.raises(AdapterNotFound):
@@ -80,7 +80,7 @@ def test_a_taken_name_stores_nothing(make_store):
     with pytest.raises(AdapterExists, match="'dog' is already registered"):
         store.commit(_record("dog", b"two"), _upload(store, b"two"))
     assert store.get("dog").sha256 == hashlib.sha256(b"one").hexdigest()
-    assert not store.local_blob_path(hashlib.sha256(b"two").hexdigest()).exists()
+    assert not store.cache.blob_path(hashlib.sha256(b"two").hexdigest()).exists()
 
 
 def test_names_sharing_bytes_keep_them_until_the_last_goes(make_store):
@@ -92,7 +92,7 @@ def test_names_sharing_bytes_keep_them_until_the_last_goes(make_store):
     store.remove("a")
     assert store.blob_path(sha).read_bytes() == data
     store.remove("b")
-    assert not store.local_blob_path(sha).exists()
+    assert not store.cache.blob_path(sha).exists()
 
 
 def test_records_page_walks_every_name_in_order(make_store):
@@ -124,9 +124,9 @@ def test_every_replica_sees_a_registration_at_once_and_fetches_the_bytes(postgre
     record = _record("dog", data)
     one.commit(record, _upload(one, data))
     assert two.find("dog") == record and two.count() == 1
-    assert not two.local_blob_path(record.sha256).exists()
+    assert not two.cache.blob_path(record.sha256).exists()
     assert two.blob_path(record.sha256).read_bytes() == data  # streamed into two's own cache
-    assert two.local_blob_path(record.sha256).exists()
+    assert two.cache.blob_path(record.sha256).exists()
     with pytest.raises(AdapterExists):  # the name is taken fleet-wide
         two.commit(_record("dog", b"other"), _upload(two, b"other"))
     assert _blob_count(postgres_url) == 1  # the refused upload's bytes were rolled back
@@ -140,12 +140,12 @@ def test_corrupted_bytes_are_refused_not_served(postgres_url, tmp_path):
     store = PostgresStore(postgres_url, tmp_path / "c")
     record = _record("dog", b"good bytes")
     store.commit(record, _upload(store, b"good bytes"))
-    store.drop_local(record.sha256)
+    store.cache.drop(record.sha256)
     with psycopg.connect(postgres_url) as conn:
         conn.execute("UPDATE deft_blob_chunks SET data = %s", (b"evil bytes",))
     with pytest.raises(StoreError, match="no intact copy"):
         store.blob_path(record.sha256)
-    assert not store.local_blob_path(record.sha256).exists()
+    assert not store.cache.blob_path(record.sha256).exists()
     store.close()
 
 
@@ -255,11 +255,11 @@ def test_replicas_see_registrations_deletions_and_replacements_of_each_other(pos
 
 def test_an_adapter_that_does_not_fit_fails_on_first_use_on_that_replica_only(postgres_url, tmp_path):
     unet = build_tiny_sdxl(0).unet
-    sdxl = _registry(postgres_url, tmp_path / "sdxl", unet)
+    sdxl, _ = _registry(postgres_url, tmp_path / "sdxl", unet)
     sdxl.register(
         "dog", _received(tmp_path, random_adapter(AdapterKind.DEFT, _shapes(unet), rank=2), "a"), None, {}
     )
-    omnigen = _registry(postgres_url, tmp_path / "omnigen", build_tiny_omnigen(0).transformer)
+    omnigen, _ = _registry(postgres_url, tmp_path / "omnigen", build_tiny_omnigen(0).transformer)
     assert omnigen.exists("dog")
     with pytest.raises(AdapterIncompatible, match="'dog'"):
         omnigen.load_compiled("dog")

@@ -1,0 +1,230 @@
+"""This process's files under ``--data-dir``: the index-independent half of the registry's storage.
+
+Layout::
+
+    blobs/sha256/ab/abcdef…                      uploaded bytes by sha256 (SQLite: the blobs themselves;
+                                                 PostgreSQL: a cache, filled on first use)
+    compiled/<base digest>/<sha256>.safetensors  compiled factors (B, A) per layer, float32 (a cache)
+    tmp/<pid>-<token>/                          this process's uploads in progress
+    tmp/<pid>-<token>.claims/<sha256>           bytes this process is registering (kept from GC)
+    .space-reserve                              bytes set aside so deletions work on a full disk
+
+The index (:class:`~deft_server.store.AdapterStore`: SQLite or PostgreSQL) says which sha256s are
+registered; this cache holds files by sha256 and never decides that on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from deft_runtime.adapter import AdapterKind, BaseFingerprint
+from deft_runtime.compile import CompiledAdapter, LowRankFactors
+from deft_runtime.errors import AdapterFormatError
+from deft_runtime.formats.safetensors_io import read_safetensors, write_safetensors_atomic
+
+log = logging.getLogger(__name__)
+
+_COMPILED_FORMAT = "deft.compiled"
+#: bytes kept free in ``--data-dir`` (a file released when the disk is full), so deleting adapters, which
+#: needs a little space for SQLite's journal, works on a full disk and frees the space
+RESERVE_BYTES = 1 << 20
+RESERVE_NAME = ".space-reserve"
+
+
+class LocalCache:
+    """Blobs, compiled factors, uploads in progress and their garbage collection, under one folder.
+
+    Thread-safe (files are written atomically and named by content); every method does blocking I/O.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser()
+        self.blobs = self.root / "blobs" / "sha256"
+        self.compiled = self.root / "compiled"
+        self.tmp_root = self.root / "tmp"
+        for folder in (self.blobs, self.compiled, self.tmp_root):
+            folder.mkdir(parents=True, exist_ok=True)
+        _clear_abandoned_tmp(self.tmp_root)
+        self.tmp = self.tmp_root / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+        self._claims = self.tmp_root / f"{self.tmp.name}.claims"  # beside tmp: uploads stay alone in there
+        self._claims.mkdir()
+        self._reserve = self.root / RESERVE_NAME
+        self.ensure_reserve()
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self._claims, ignore_errors=True)
+
+    # ------------------------------------------------------------------ claims and space
+
+    @contextlib.contextmanager
+    def claim(self, sha256: str) -> Iterator[None]:
+        """Mark the files of ``sha256`` as being written by this process until its row is committed, so
+        another process's garbage collection (at its start) leaves them alone; unclaimed files that no row
+        names are orphans and are removed at once."""
+        marker = self._claims / sha256
+        marker.touch()
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def ensure_reserve(self) -> None:
+        """Keep :data:`RESERVE_BYTES` set aside (best effort: on a full disk it is made later)."""
+        if self._reserve.is_file() and self._reserve.stat().st_size >= RESERVE_BYTES:
+            return
+        try:
+            with self._reserve.open("wb") as f:
+                f.write(bytes(RESERVE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
+
+    def release_reserve(self) -> bool:
+        """Free the reserved bytes (the disk is full); whether there were any."""
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning(
+            "the disk of %s is full: released %d reserved bytes to complete a deletion",
+            self.root,
+            RESERVE_BYTES,
+        )
+        return True
+
+    # ------------------------------------------------------------------ blobs
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def place_blob(self, received: Path, sha256: str) -> Path:
+        """Move ``received`` into its content-addressed local place (a no-op if already there)."""
+        target = self.blob_path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            received.unlink(missing_ok=True)
+        else:
+            os.replace(received, target)
+            _fsync_dir(target.parent)
+        return target
+
+    def drop(self, sha256: str) -> None:
+        """Forget this process's cached bytes and compiled factors of ``sha256``."""
+        self.blob_path(sha256).unlink(missing_ok=True)
+        for compiled in self.compiled.glob(f"*/{sha256}.safetensors"):
+            compiled.unlink(missing_ok=True)
+
+    def collect_garbage(self, registered: Callable[[], set[str]]) -> None:
+        """Delete local bytes and compiled files that no registered adapter names and no running process
+        is writing (a crash mid-registration leaves such orphans; they are removed at the next start).
+
+        The order makes it safe against processes registering meanwhile: files are listed first, then
+        the claims of running processes, then the rows (``registered()``: the sha256s the index names). A file written after the listing is not seen; a
+        file seen was claimed before it was written, and its claim is dropped only after its row exists.
+        """
+        files = [*self.blobs.glob("*/*"), *self.compiled.glob("*/*.safetensors")]
+        partial = list(self.compiled.glob("*/.*.tmp-*"))  # atomic writes cut short by a crash
+        wanted = self._claimed() | registered()
+        removed = 0
+        for path in files:
+            if path.name.removesuffix(".safetensors") not in wanted:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for path in partial:
+            pid = path.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and _alive(int(pid))):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d orphan file(s) from %s", removed, self.root)
+
+    def _claimed(self) -> set[str]:
+        """sha256s that running processes (this one included) are registering now."""
+        return {marker.name for marker in self.tmp_root.glob("*.claims/*")}
+
+    # ------------------------------------------------------------------ compiled factors
+
+    def compiled_path(self, sha256: str, base_digest: str) -> Path:
+        return self.compiled / base_digest / f"{sha256}.safetensors"
+
+    def save_compiled(self, sha256: str, base_digest: str, compiled: CompiledAdapter) -> None:
+        tensors = {}
+        for layer, f in compiled.factors.items():
+            tensors[f"{layer}.B"], tensors[f"{layer}.A"] = f.B.float(), f.A.float()
+        metadata = {"format": _COMPILED_FORMAT, "kind": compiled.kind.value, "base_digest": base_digest}
+        if compiled.fingerprint is not None:
+            metadata["fingerprint"] = compiled.fingerprint.to_json()
+        write_safetensors_atomic(self.compiled_path(sha256, base_digest), tensors, metadata)
+
+    def load_compiled(self, sha256: str, base_digest: str) -> CompiledAdapter | None:
+        """The cached factors, or None when they are not cached (or the file is not ours)."""
+        path = self.compiled_path(sha256, base_digest)
+        if not path.is_file():
+            return None
+        try:
+            tensors, metadata = read_safetensors(path)
+        except AdapterFormatError:
+            return None
+        if metadata.get("format") != _COMPILED_FORMAT or metadata.get("base_digest") != base_digest:
+            return None
+        factors = {
+            layer: LowRankFactors(B=tensors[f"{layer}.B"], A=tensors[f"{layer}.A"])
+            for layer in _layers(tensors)
+        }
+        fingerprint = (
+            BaseFingerprint.from_json(metadata["fingerprint"]) if "fingerprint" in metadata else None
+        )
+        return CompiledAdapter(
+            kind=AdapterKind(metadata["kind"]),
+            factors=factors,
+            fingerprint=fingerprint,  # type: ignore[arg-type]
+        )
+
+
+def _clear_abandoned_tmp(tmp_root: Path) -> None:
+    """Remove uploads in progress of processes that no longer run (and files of older layouts)."""
+    for entry in tmp_root.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and _alive(int(pid)):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _layers(tensors: dict[str, torch.Tensor]) -> Iterator[str]:
+    return (key.removesuffix(".B") for key in tensors if key.endswith(".B"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
