@@ -206,8 +206,8 @@ def component_case(
     compiled = random_compiled(shapes, rank)
     store = SQLiteStore(root / label.replace(" ", "-"))
     sha, digest = hashlib.sha256(label.encode()).hexdigest(), "bench"
-    store.save_compiled(sha, digest, compiled)
-    path = store.compiled_path(sha, digest)
+    store.cache.save_compiled(sha, digest, compiled)
+    path = store.cache.compiled_path(sha, digest)
     page_bytes = (
         sum(d_out + d_in for d_out, d_in in shapes.values()) * torch.empty((), dtype=dtype).element_size()
     )
@@ -224,7 +224,7 @@ def component_case(
         return AdapterPool(dict(shapes), config, source)
 
     from_memory = pool(lambda name: compiled)
-    from_disk = pool(lambda name: store.load_compiled(sha, digest))
+    from_disk = pool(lambda name: store.cache.load_compiled(sha, digest))
     buffer = bytearray(path.stat().st_size)  # reused: the floor pays no page faults for a fresh buffer
 
     def read_into() -> None:
@@ -237,7 +237,7 @@ def component_case(
 
     stages: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {
         "read file": (None, read_into),
-        "disk → host": (None, lambda: store.load_compiled(sha, digest)),
+        "disk → host": (None, lambda: store.cache.load_compiled(sha, digest)),
         "host → device": (lambda: from_memory.evict("a"), lambda: acquire(from_memory)),
         "disk → device": (lambda: from_disk.evict("a"), lambda: acquire(from_disk)),
     }

@@ -74,7 +74,7 @@ def _fill(store: Any, n: int) -> list[str]:
     names = [f"user-{i:05d}" for i in range(n)]
     for name in names:
         data = name.encode()
-        path = store.tmp / "upload"
+        path = store.cache.tmp / "upload"
         path.write_bytes(data)
         store.commit(_record(name, data), path)
     return names
@@ -108,12 +108,12 @@ def blob_fetch(url: str, root: Path, mib: int, repeats: int) -> dict[str, float]
     blob = data.numpy().tobytes()
     writer = PostgresStore(url, root / f"writer-{mib}")
     record = _record(f"blob-{mib}", blob)
-    upload = writer.tmp / "upload"
+    upload = writer.cache.tmp / "upload"
     upload.write_bytes(blob)
     start = time.perf_counter()
     writer.commit(record, upload)
     commit_s = time.perf_counter() - start
-    local = writer.local_blob_path(record.sha256)
+    local = writer.cache.blob_path(record.sha256)
     fetch, read = [], []
     for i in range(repeats):
         reader = PostgresStore(url, root / f"reader-{mib}-{i}")
