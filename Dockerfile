@@ -42,10 +42,11 @@ COPY pyproject.toml README.md ./
 COPY deft_runtime ./deft_runtime
 COPY server ./server
 COPY clients/python/deft_client ./clients/python/deft_client
+COPY cli ./cli
 # A regular (not editable) install: the runtime stage gets the venv and nothing from /src.
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install "${TORCH_SPEC}" ".[${DEFT_EXTRAS}]" \
-    && python -c "import torch, deft_runtime, deft_server.app, deft_server.healthcheck"
+    && python -c "import torch, deft_runtime, deft_server.app, deft_server.healthcheck, deft_cli.app"
 
 # -------------------------------------------------------------------------------------------- runtime
 FROM ${CUDA_IMAGE} AS runtime

@@ -43,17 +43,18 @@ serve: venv
 protos: venv
 	$(PY) protos/generate.py
 
-# mypy cannot follow the editable install's package-dir mapping (server/ installs as deft_server), so it
-# reads the server and client packages through a folder of links named like their import names.
+# mypy cannot follow the editable install's package-dir mapping (server/ installs as deft_server, cli/ as
+# deft_cli), so it reads those packages through a folder of links named like their import names.
 MYPY_SRC := .mypy-src
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check deft_runtime tests
+	$(VENV)/bin/ruff format --check deft_runtime cli tests
 	mkdir -p $(MYPY_SRC)
 	ln -sfn ../server $(MYPY_SRC)/deft_server
 	ln -sfn ../clients/python/deft_client $(MYPY_SRC)/deft_client
-	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy -p deft_runtime -p deft_server -p deft_client -p benchmarks
+	ln -sfn ../cli $(MYPY_SRC)/deft_cli
+	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy -p deft_runtime -p deft_server -p deft_client -p deft_cli -p benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(MYPY_SRC)

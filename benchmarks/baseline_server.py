@@ -44,7 +44,6 @@ from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, g
 from deft_server.config import RequestLimits
 from deft_server.convert import adapter_message, event_message, generation_request, result_message
 from deft_server.errors import AdapterExists, AdapterInUse
-from deft_server.loading import resolve_device, resolve_dtype
 from deft_server.registry import AdapterState
 from deft_server.service import EventBridge, abort, mapped_errors
 from deft_server.store import AdapterRecord
@@ -54,6 +53,7 @@ from grpc_health.v1._async import HealthServicer
 from pydantic import ByteSize, TypeAdapter
 
 from deft_runtime.adapter import Adapter, AdapterKind
+from deft_runtime.devices import resolve_device, resolve_dtype
 from deft_runtime.engine import (
     DeadlineExceeded,
     EngineDraining,
@@ -66,6 +66,7 @@ from deft_runtime.engine import (
     RequestCancelled,
     RequestHandle,
 )
+from deft_runtime.engine.families import GenerationDefaults
 from deft_runtime.errors import AdapterIncompatible, AdapterNotFound, DeftError, InvalidRequest
 from deft_runtime.formats import load_adapter, save_adapter
 from deft_runtime.formats.peft import PEFT_WRITABLE_MODES
@@ -292,8 +293,8 @@ class PipelineWorker:
 
     # ---- submission (event loop thread)
 
-    def defaults(self) -> tuple[int, int, int, float]:
-        return self.config.defaults
+    def defaults(self) -> GenerationDefaults:
+        return GenerationDefaults(*self.config.defaults)
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> RequestHandle:
         request.validate()

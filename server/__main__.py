@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from deft_runtime.cli import app
+from deft_server.cli import serve_app
 
 if __name__ == "__main__":
-    app(["serve", *sys.argv[1:]], prog_name="python -m deft_server")
+    serve_app()(prog_name="python -m deft_server")

@@ -6,7 +6,7 @@ server would read is ambiguous."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -17,21 +17,33 @@ MISSING_TOKEN = (
 )
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
+class BearerToken:
+    """The one check of a call's ``authorization`` metadata (the interceptor below and the Ray Serve
+    ingress in :mod:`deft_server.ray_app` both use it)."""
+
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-    def _refusal(self, details: grpc.HandlerCallDetails) -> str | None:
-        """Why the call is refused, or None when it may proceed."""
-        if details.method.startswith(OPEN_PREFIXES):
-            return None
-        given = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+    def refusal(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+        """Why a call with ``metadata`` is refused, or None when it carries exactly the token."""
+        given = [value for key, value in metadata or () if key == "authorization"]
         if len(given) > 1:
             return f"send exactly one authorization header (this call has {len(given)})"
         token = given[0] if given else ""
         if hmac.compare_digest(token.encode() if isinstance(token, str) else token, self._expected):
             return None
         return MISSING_TOKEN
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = BearerToken(token)
+
+    def _refusal(self, details: grpc.HandlerCallDetails) -> str | None:
+        """Why the call is refused, or None when it may proceed."""
+        if details.method.startswith(OPEN_PREFIXES):
+            return None
+        return self._token.refusal(details.invocation_metadata)
 
     async def intercept_service(
         self,

@@ -59,7 +59,11 @@ class UploadLimits:
 
 
 class ServerSettings(BaseSettings):
-    """All of ``deft serve``'s settings (flag ``--foo-bar`` = field ``foo_bar`` = env ``DEFT_FOO_BAR``)."""
+    """All of ``deft serve``'s settings (flag ``--foo-bar`` = field ``foo_bar`` = env ``DEFT_FOO_BAR``).
+
+    Each field is the one declaration of its setting: :mod:`deft_server.cli` generates the flag from
+    the field's name, type, default and ``description`` (its help line), so a new field needs a
+    ``description`` and nothing else."""
 
     model_config = SettingsConfigDict(env_prefix="DEFT_", frozen=True, extra="forbid")
 
@@ -77,8 +81,12 @@ class ServerSettings(BaseSettings):
     )
     cache_dir: Path | None = Field(None, description="tiny-model cache (default ~/.cache/deft/models)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16"
+    )
+    backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="adapter kernels: auto | torch | triton"
+    )
     # --- security
     token: SecretStr | None = Field(None, description="require 'authorization: Bearer TOKEN' on every call")
     tls_cert: Path | None = Field(None, description="PEM certificate chain (TLS on when given)")
@@ -95,10 +103,10 @@ class ServerSettings(BaseSettings):
     grace_period: float = Field(30.0, ge=0, description="seconds in-flight requests get after SIGTERM")
     # --- request limits
     max_pixels: int = Field(2048 * 2048, ge=1, description="largest width x height")
-    max_steps: int = Field(150, ge=1)
+    max_steps: int = Field(150, ge=1, description="most denoising steps")
     max_images: int = Field(8, ge=1, description="largest num_images")
     max_prompt_chars: int = Field(4000, ge=1, description="longest prompt and negative prompt")
-    max_adapters_per_request: int = Field(4, ge=1, le=64)
+    max_adapters_per_request: int = Field(4, ge=1, le=64, description="most adapters per request")
     max_adapter_weight: float = Field(10.0, gt=0, description="adapter weights must lie in [-W, W]")
     max_upload_size: ByteSize = Field(ByteSize(1 << 30), description="largest adapter upload")
     max_message_size: ByteSize = Field(ByteSize(16 << 20), description="largest gRPC message received")
@@ -109,7 +117,9 @@ class ServerSettings(BaseSettings):
     max_metadata_size: ByteSize = Field(
         ByteSize(8 << 10), description="largest adapter metadata (UTF-8 bytes of its keys and values)"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG | INFO | WARNING | ERROR"
+    )
 
     @field_validator("max_adapter_weight", "max_guidance_scale")
     @classmethod

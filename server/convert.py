@@ -23,10 +23,11 @@ from deft_server.uploads import validate_name
 from google.protobuf import timestamp_pb2
 
 from deft_runtime.engine import EventKind, GenerationEvent, GenerationRequest, GenerationResult
+from deft_runtime.engine.families import GenerationDefaults
 from deft_runtime.errors import InvalidRequest, shorten
 
-#: The base model's defaults: (width, height, steps, guidance_scale).
-Defaults = tuple[int, int, int, float]
+#: The base model's defaults (width, height, steps, guidance_scale).
+Defaults = GenerationDefaults
 _STATES = {
     AdapterState.READY: adapters_pb2.ADAPTER_STATE_READY,
     AdapterState.RESIDENT: adapters_pb2.ADAPTER_STATE_RESIDENT,
@@ -98,7 +99,7 @@ def generation_request(
     _in_range("preview_every_n_steps", every, 0, limits.max_steps, " (0: no previews)")
     for name, side in (("width", width), ("height", height)):
         _in_range(name, side, 1, limits.max_pixels, "")
-    pixels = (width or defaults[0]) * (height or defaults[1])
+    pixels = (width or defaults.width) * (height or defaults.height)
     if pixels > limits.max_pixels:
         raise InvalidRequest(
             f"width x height is {pixels} pixels; this server allows at most {limits.max_pixels}"

@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from deft_server.config import ServerSettings
 from deft_server.errors import AdapterInUse
 from deft_server.metrics import ServerMetrics
@@ -15,6 +14,7 @@ from deft_server.registry import AdapterRegistry, AdapterState
 from deft_server.store import AdapterStore, open_store
 
 from deft_runtime.base_view import BaseView
+from deft_runtime.devices import resolve_device, resolve_dtype
 from deft_runtime.engine import Engine
 from deft_runtime.errors import PoolExhausted, shorten
 from deft_runtime.models import denoiser_of, load_pipeline
@@ -72,18 +72,6 @@ class ServingRuntime:
     def close(self) -> None:
         self.engine.shutdown()
         self.registry.store.close()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def load_runtime(settings: ServerSettings, metrics: ServerMetrics) -> ServingRuntime:

@@ -67,7 +67,6 @@ Serve's gRPC ingress must be given the deft services (``grpc_servicer_functions`
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -76,6 +75,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from deft_server.auth import BearerToken
 from deft_server.config import ServerSettings
 from deft_server.convert import generation_request
 from deft_server.errors import UploadTooLarge, to_status
@@ -333,21 +333,17 @@ class DeftIngress:
     ):
         self.replicas = replicas
         self.affinity = routing == "affinity"
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.token = BearerToken(token) if token else None
         self.max_upload_bytes = max_upload_bytes
 
     def _routing_id(self, request: generation_pb2.GenerateRequest) -> str:
         return request_set_id(request) if self.affinity else ""
 
     def _check_token(self, context: Any) -> Failure | None:
-        if self.expected is None or context is None:
+        if self.token is None or context is None:
             return None
-        given = dict(context.invocation_metadata()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self.expected):
-            return None
-        message = "this server requires a token: pass token=... to the client, --token to the CLI"
-        return Failure(grpc.StatusCode.UNAUTHENTICATED.name, message, ())
+        refusal = self.token.refusal(context.invocation_metadata())
+        return None if refusal is None else Failure(grpc.StatusCode.UNAUTHENTICATED.name, refusal, ())
 
     @staticmethod
     def _fail_unary(context: Any, replica: str, failure: Failure) -> None:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -24,21 +23,13 @@ from typing import IO
 from deft_client.proto import adapters_pb2
 from deft_server.errors import UploadTooLarge
 
-from deft_runtime.errors import AdapterFormatError, InvalidRequest, shorten
+from deft_runtime.errors import AdapterFormatError, InvalidRequest
+from deft_runtime.names import check_adapter_name
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_ARCHIVE_MEMBERS = 16
 _GZIP_MAGIC = b"\x1f\x8b"
 
-
-def validate_name(name: str) -> str:
-    """An adapter name: 1-128 of ``A-Z a-z 0-9 . _ -``, not ``.`` or ``..``."""
-    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise InvalidRequest(
-            f"invalid adapter name {shorten(name)}: use 1-128 letters, digits, '.', '_' or '-' "
-            "(no spaces or path separators), and not '.' or '..'"
-        )
-    return name
+validate_name = check_adapter_name  # the one rule for adapter names (deft_runtime.names)
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,13 @@ class ServerProcess:
     def __init__(
         self, data_dir: Path, cache_dir: Path, log_path: Path, args: list[str], launcher: list[str]
     ) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.data_dir, self.log_path = data_dir, log_path
         self.address = f"127.0.0.1:{self.port}"
         command = [
             *launcher,
             *("--port", str(self.port), "--metrics-port", str(self.metrics_port)),
+            *("--http-port", str(self.http_port)),
             *("--data-dir", str(data_dir), "--log-level", "INFO", *args),
         ]
         env = {**os.environ, "DEFT_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -74,6 +75,10 @@ class ServerProcess:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -122,7 +127,7 @@ class ServerFactory:
         n = len(self.started)
         data_dir = data_dir or self.root / f"data-{n}"
         if prelude is not None:
-            main = f"{prelude}\nimport sys\nfrom deft_runtime.cli import app\napp(['serve', *sys.argv[1:]])"
+            main = f"{prelude}\nimport sys\nfrom deft_cli.app import app\napp(['serve', *sys.argv[1:]])"
             launcher = [sys.executable, "-c", main]
         elif via_cli:
             launcher = [str(DEFT_EXECUTABLE), "serve"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import pytest
+from deft_cli.app import app
 from typer.testing import CliRunner
 
 from deft_runtime.adapter import AdapterKind, Decomposition
-from deft_runtime.cli import app
 from deft_runtime.formats import load_adapter, save_adapter
 from deft_runtime.testing import random_adapter
 
@@ -53,3 +56,117 @@ def test_console_script_is_installed():
     exe = str(Path(sys.executable).parent / "deft")  # the venv's console script; bin/ may not be on PATH
     out = subprocess.run([exe, "version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == __import__("deft_runtime").__version__
+
+
+# ------------------------------------------------------------------ one declaration per setting
+
+
+def _click_options(command) -> dict[str, object]:
+    import typer.main
+
+    click_command = typer.main.get_command(command) if not hasattr(command, "params") else command
+    return {opt: p for p in click_command.params for opt in getattr(p, "opts", [])}
+
+
+def test_serve_has_one_flag_per_setting_with_its_variable_and_default():
+    pytest.importorskip("pydantic_settings")
+    from deft_server.cli import serve_app
+    from deft_server.config import ServerSettings
+
+    options = _click_options(serve_app())
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in options, f"ServerSettings.{name} has no {flag}"
+        help_text = options[flag].help or ""
+        assert f"DEFT_{name.upper()}" in help_text, help_text
+        assert field.description and field.description in help_text, f"ServerSettings.{name}: no description"
+    assert "[DEFT_ADAPTER_MEMORY; 512MiB]" in options["--adapter-memory"].help
+    assert "[DEFT_PORT; 50051]" in options["--port"].help
+    assert set(options) - {"--help"} == {"--" + n.replace("_", "-") for n in ServerSettings.model_fields} | {
+        f"--no-{n.replace('_', '-')}" for n, f in ServerSettings.model_fields.items() if f.annotation is bool
+    }
+
+
+def test_serve_flags_reach_the_settings_and_only_the_given_ones(monkeypatch):
+    pytest.importorskip("pydantic_settings")
+    import deft_server.app
+    from deft_server.config import ServerSettings
+
+    seen: list[dict] = []
+    monkeypatch.setattr(deft_server.app, "main", lambda overrides: seen.append(overrides) or 0)
+    args = ["serve", "--max-queue", "7", "--adapter-memory", "1GiB", "--dtype", "float16", "--token", "t"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [{"max_queue": 7, "adapter_memory": "1GiB", "dtype": "float16", "token": "t"}]
+    settings = ServerSettings(**seen[0])
+    assert (settings.max_queue, int(settings.adapter_memory), settings.dtype) == (7, 1 << 30, "float16")
+    refused = runner.invoke(app, ["serve", "--dtype", "float8"])
+    assert refused.exit_code == 2 and "float8" in refused.output and seen == seen[:1]
+
+
+def test_a_new_settings_field_becomes_a_flag_of_its_type():
+    """The generator on fields the server does not have yet: a bool flag pair, a repeatable list, a
+    Literal's choices, a size in units."""
+    pytest.importorskip("pydantic_settings")
+    import deft_server.cli
+    import typer
+    from deft_server.cli import serve_parameters
+    from pydantic import ByteSize, Field
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class Future(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="DEFT_")
+        log_prompts: bool = Field(False, description="log prompt text")
+        tenants: list[str] = Field(default_factory=list, description="tenant ids")
+        mode: typing.Literal["a", "b"] = Field("a", description="a mode")
+        budget: ByteSize = Field(ByteSize(3 << 20), description="a size")
+
+    original = deft_server.cli.ServerSettings
+    deft_server.cli.ServerSettings = Future  # type: ignore[misc]
+    try:
+        parameters = serve_parameters()
+    finally:
+        deft_server.cli.ServerSettings = original  # type: ignore[misc]
+    got: list[dict] = []
+
+    def command(**flags):
+        got.append({k: v for k, v in flags.items() if v is not None})
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    one = typer.Typer()
+    one.command()(command)
+    ok = runner.invoke(
+        one, ["--log-prompts", "--tenants", "x", "--tenants", "y", "--mode", "b", "--budget", "2MiB"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert got == [{"log_prompts": True, "tenants": ["x", "y"], "mode": "b", "budget": "2MiB"}]
+    assert runner.invoke(one, ["--no-log-prompts"]).exit_code == 0 and got[-1]["log_prompts"] is False
+    assert runner.invoke(one, ["--mode", "c"]).exit_code == 2
+    assert "[DEFT_BUDGET; 3MiB]" in (_click_options(one)["--budget"].help or "")
+
+
+CONNECTED = [
+    ["adapters", "register"],
+    ["adapters", "list"],
+    ["adapters", "show"],
+    ["adapters", "delete"],
+    ["generate"],
+    ["train"],
+]
+
+
+def test_every_command_that_talks_to_a_server_takes_the_same_connection_options():
+    import typer.main
+
+    root = typer.main.get_command(app)
+    for path in CONNECTED:
+        command = root
+        for name in path:
+            command = command.commands[name]  # type: ignore[attr-defined]
+        options = _click_options(command)
+        for flag, env in (
+            ("--server", "DEFT_SERVER"),
+            ("--token", "DEFT_TOKEN"),
+            ("--tls-ca", "DEFT_TLS_CA"),
+        ):
+            assert flag in options and options[flag].envvar == env, (path, flag)

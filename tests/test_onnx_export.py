@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from deft_cli.app import app
 from typer.testing import CliRunner
 
 from deft_runtime.adapter import AdapterKind, Decomposition
-from deft_runtime.cli import app
+from deft_runtime.export.onnx import DEFAULT_TOLERANCE, adapter_sha256
 from deft_runtime.formats import load_adapter, save_adapter
 from deft_runtime.layers import find_targets
 from deft_runtime.models import load_pipeline
-from deft_runtime.onnx_export import DEFAULT_TOLERANCE, adapter_sha256
 from deft_runtime.pool import PoolConfig
 from deft_runtime.runtime import MultiAdapterModel
 from deft_runtime.testing import random_adapter

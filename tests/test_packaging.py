@@ -16,7 +16,7 @@ def test_core_imports_without_optional_extras():
     blocker = "; ".join(f"sys.modules[{name!r}] = None" for name in OPTIONAL)
     code = (
         f"import sys; {blocker}; import deft_runtime, deft_runtime.formats, deft_runtime.compile, "
-        "deft_runtime.models, deft_runtime.cli; print('ok')"
+        "deft_runtime.models, deft_cli.app; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
     assert out.returncode == 0, out.stderr
@@ -35,7 +35,8 @@ def test_every_python_package_is_listed_in_pyproject():
     assert found == listed, f"pyproject packages differ: missing {found - listed}, stale {listed - found}"
 
 
-def test_three_import_names_resolve_to_this_checkout():
+def test_four_import_names_resolve_to_this_checkout():
+    import deft_cli
     import deft_client
     import deft_server
 
@@ -44,3 +45,10 @@ def test_three_import_names_resolve_to_this_checkout():
     assert Path(deft_runtime.__file__).is_relative_to(ROOT / "deft_runtime")
     assert Path(deft_server.__file__).is_relative_to(ROOT / "server")
     assert Path(deft_client.__file__).is_relative_to(ROOT / "clients" / "python")
+    assert Path(deft_cli.__file__).is_relative_to(ROOT / "cli")
+
+
+def test_the_deft_script_is_the_composition_layer():
+    """The console script runs the composition layer, ``deft_cli``."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert config == {"deft": "deft_cli.app:app"}

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from deft_cli.app import app
 from deft_client import AsyncDeftClient, DeftClient, DeftError, Preview, Progress, Queued, Result, Started
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from diffusers import StableDiffusionXLPipeline
@@ -33,7 +34,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from deft_runtime.adapter import AdapterKind, BaseFingerprint
-from deft_runtime.cli import app
 from deft_runtime.formats import load_adapter, save_adapter
 from deft_runtime.models import build_tiny_sdxl
 from deft_runtime.testing import random_adapter

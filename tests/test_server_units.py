@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 import deft_runtime.engine as engine_module
 import deft_runtime.errors as runtime_errors
+from deft_runtime.engine.families import GenerationDefaults
 from deft_runtime.errors import DeftError as RuntimeDeftError
 from deft_runtime.errors import InvalidRequest
 
@@ -198,16 +199,18 @@ def test_unset_fields_stay_unset_and_limits_apply():
     limits = ServerSettings().request_limits()
     msg = generate_request("a dog", adapters=["x", ("y", 0.5)])
     assert not msg.HasField("width") and not msg.HasField("seed") and not msg.HasField("negative_prompt")
-    request = generation_request(msg, limits, (64, 64, 50, 5.0), deadline_s=None)
+    request = generation_request(msg, limits, GenerationDefaults(64, 64, 50, 5.0), deadline_s=None)
     assert request.adapters == (("x", 1.0), ("y", 0.5)) and request.width is None and request.seed is None
     assert (
         generation_request(
-            generate_request("a", negative_prompt=""), limits, (64, 64, 50, 5.0), None
+            generate_request("a", negative_prompt=""), limits, GenerationDefaults(64, 64, 50, 5.0), None
         ).negative_prompt
         == ""
     )
     with pytest.raises(InvalidRequest, match="pixels"):
-        generation_request(generate_request("a", width=4096), limits, (2048, 2048, 50, 5.0), None)
+        generation_request(
+            generate_request("a", width=4096), limits, GenerationDefaults(2048, 2048, 50, 5.0), None
+        )
     assert [r.name for r in adapter_refs({"a": 2.0})] == ["a"]
     assert generation_pb2.AdapterRef(name="n").HasField("weight") is False
 
@@ -323,7 +326,9 @@ def test_cancelling_an_awaited_engine_future_cancels_only_that_request():
 
 def _convert(**params) -> object:
     limits = ServerSettings().request_limits()
-    return generation_request(generate_request("a dog", **params), limits, (64, 64, 50, 5.0), None)
+    return generation_request(
+        generate_request("a dog", **params), limits, GenerationDefaults(64, 64, 50, 5.0), None
+    )
 
 
 @pytest.mark.parametrize(

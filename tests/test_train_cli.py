@@ -10,11 +10,11 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from deft_cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
 
 from deft_runtime.adapter import AdapterKind, Decomposition
-from deft_runtime.cli import app
 from deft_runtime.formats import load_adapter
 
 runner = CliRunner()
@@ -127,7 +127,10 @@ BAD_INPUTS = [
     (["--concept", "nodelimiter"], "--concept expects DIR=PROMPT"),
     (["--init", "zeros"], "--init must be one of identity, random"),
     (["--resume", "{tmp}/nowhere"], "not a checkpoint directory"),
-    (["--register", "bad/name", "--server", "127.0.0.1:9"], "names use letters, digits"),
+    (
+        ["--register", "bad/name", "--server", "127.0.0.1:9"],
+        "invalid adapter name 'bad/name': use 1-128 letters, digits",
+    ),
     (["--register", "dog", "--server", "127.0.0.1:9"], "cannot reach the deft server at 127.0.0.1:9"),
 ]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,20 @@ class StepState:
         return self.timesteps[self.step_index]
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """A base model's defaults for what a request leaves out."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``width, height, steps, guidance_scale`` (callers written for the old tuple)."""
+        return iter((self.width, self.height, self.steps, self.guidance_scale))
+
+
 class ModelFamily(ABC):
     """One diffusers pipeline family served by the engine."""
 
@@ -64,8 +78,8 @@ class ModelFamily(ABC):
 
     # ---- defaults and validation
     @abstractmethod
-    def defaults(self) -> tuple[int, int, int, float]:
-        """``(width, height, steps, guidance_scale)`` the pipeline uses when the request leaves them out."""
+    def defaults(self) -> GenerationDefaults:
+        """What the pipeline uses when the request leaves width, height, steps or guidance out."""
 
     def size_multiple(self) -> int:
         return self.vae_scale
@@ -136,9 +150,9 @@ class ModelFamily(ABC):
 class SDXLFamily(ModelFamily):
     name = "sdxl"
 
-    def defaults(self) -> tuple[int, int, int, float]:
+    def defaults(self) -> GenerationDefaults:
         size = int(self.pipe.default_sample_size * self.vae_scale)
-        return size, size, 50, 5.0
+        return GenerationDefaults(size, size, 50, 5.0)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
@@ -274,9 +288,9 @@ class OmniGenFamily(ModelFamily):
         n_cond, n_uncond = len(cond["input_ids"]), len(uncond["input_ids"])
         return (*shape, n_cond, max(n_cond, n_uncond))
 
-    def defaults(self) -> tuple[int, int, int, float]:
+    def defaults(self) -> GenerationDefaults:
         size = int(self.pipe.default_sample_size * self.vae_scale)
-        return size, size, 50, 2.5
+        return GenerationDefaults(size, size, 50, 2.5)
 
     def size_multiple(self) -> int:
         # the processor counts one output token per 16x16 pixels, and the transformer patchifies latents

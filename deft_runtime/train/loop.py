@@ -28,6 +28,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from deft_runtime import __version__
+from deft_runtime.devices import resolve_device
 from deft_runtime.errors import DeftError
 from deft_runtime.models import architecture_of, denoiser_of, load_pipeline
 from deft_runtime.train import checkpoint as ckpt
@@ -53,12 +54,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(DeftError):
     """The loss became NaN or infinite; nothing is written (lower --lr or enable --max-grad-norm)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,93 @@
+"""The ``deft`` command: local adapter files (``inspect``, ``convert``), training (``train``), ONNX
+export (``export-onnx``), and the server and its clients (``serve``, ``adapters``, ``generate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from deft_cli import remote
+from deft_cli.console import console, fail
+from deft_cli.export import export_onnx_command
+from deft_cli.train import train_command
+from rich.markup import escape
+from rich.table import Table
+
+from deft_runtime import __version__
+from deft_runtime.errors import DeftError
+
+app = typer.Typer(
+    name="deft",
+    help="Serve many DEFT / PaRa / LoRA adapters per batch on one diffusion base model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the deft version."""
+    console.print(__version__)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="PEFT directory, deft file, or diffusers/kohya LoRA file")],
+) -> None:
+    """Read an adapter in any supported format and print what it is."""
+    from deft_runtime.formats import load_adapter
+
+    try:
+        adapter = load_adapter(path)
+    except DeftError as e:
+        raise fail(e) from e
+    console.print(f"[bold]{escape(str(path))}[/]: {adapter.describe()}")
+    table = Table("layer", "rank", "scale", "tensors")
+    for name, layer in sorted(adapter.layers.items()):
+        shapes = ", ".join(f"{role}{list(t.shape)}" for role, t in layer.tensors().items())
+        table.add_row(name, str(layer.rank), f"{layer.scale:g}", shapes)
+    console.print(table)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="adapter in any supported format")],
+    destination: Annotated[Path, typer.Argument(help="output file (deft) or directory (peft)")],
+    to: Annotated[str, typer.Option(help="output format: deft | peft")] = "deft",
+) -> None:
+    """Convert an adapter to deft's own format or to a PEFT DEFT directory."""
+    from deft_runtime.formats import load_adapter, save_adapter
+
+    if to not in ("deft", "peft"):
+        raise fail(ValueError(f"--to must be 'deft' or 'peft', got {to!r}"))
+    fmt: Literal["deft", "peft"] = "deft" if to == "deft" else "peft"
+    try:
+        written = save_adapter(load_adapter(source), destination, format=fmt)
+    except DeftError as e:
+        raise fail(e) from e
+    console.print(f"wrote {escape(str(written))}")
+
+
+app.command("train")(train_command)
+app.command("export-onnx")(export_onnx_command)
+
+
+@app.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
+def serve(ctx: typer.Context) -> None:
+    """Start the gRPC server (health, reflection, Prometheus metrics); SIGTERM drains it and exits 0.
+
+    Every setting of the server is a flag (and a DEFT_* environment variable): deft serve --help.
+    """
+    # the options are generated from deft_server's settings model, which loads only when serving
+    try:
+        from deft_server.cli import serve_app
+    except ImportError as e:
+        raise fail(f"deft serve needs the server extra: pip install 'deft[server]' ({e})") from e
+    serve_app()(ctx.args, prog_name="deft serve")
+
+
+app.add_typer(remote.adapters_app, name="adapters")
+app.command()(remote.generate)

@@ -1,0 +1,95 @@
+"""How a command reaches a deft server: one declaration of ``--server``, ``--token`` and ``--tls-ca``
+(with their ``DEFT_*`` variables) for every command that talks to one, and one way to report what
+went wrong (an auth failure is an auth failure, an unreachable server an unreachable server)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from deft_cli.console import fail
+
+if TYPE_CHECKING:
+    from deft_client import DeftClient, DeftError
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+PANEL = "Server connection"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The connection options (an option group: see :mod:`deft_cli.options`)."""
+
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar="DEFT_SERVER",
+            help=f"HOST:PORT of the deft server (default: {DEFAULT_SERVER})",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="DEFT_TOKEN",
+            help="the server's --token (sent as 'authorization: Bearer TOKEN')",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            envvar="DEFT_TLS_CA",
+            help="PEM root certificates of a TLS server",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+
+    @property
+    def address(self) -> str:
+        """The server's address as the client resolves it (flag, ``$DEFT_SERVER``, default)."""
+        return self.server or os.environ.get("DEFT_SERVER") or DEFAULT_SERVER
+
+    def client(self, timeout: float | None = None) -> DeftClient:
+        """A ``DeftClient`` for this connection (raises ``typer.Exit`` when the client is missing)."""
+        try:
+            from deft_client import DeftClient
+        except ImportError as e:
+            raise fail(f"talking to a server needs the client: pip install 'deft[server]' ({e})") from e
+        return DeftClient(self.address, token=self.token, root_certificates=self.tls_ca, timeout=timeout)
+
+    def explain(self, error: DeftError) -> str:
+        """What a failed call means for the user, naming the server."""
+        import grpc
+
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:
+            return (
+                f"authentication failed at {self.address}: {error.message} "
+                "(pass --token TOKEN or set DEFT_TOKEN to the server's --token)"
+            )
+        if (
+            error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            and not error.reason
+        ):
+            return f"cannot reach the deft server at {self.address}: {error.message}"
+        return str(error)
+
+
+@contextlib.contextmanager
+def connect(connection: Connection, timeout: float | None = None) -> Iterator[DeftClient]:
+    """A connected client; a ``DeftError`` inside the block exits 1 with :meth:`Connection.explain`."""
+    from deft_client import DeftError
+
+    try:
+        with connection.client(timeout) as client:
+            yield client
+    except DeftError as e:
+        raise fail(connection.explain(e)) from e
