@@ -27,7 +27,7 @@ from enum import StrEnum
 
 import torch
 
-from deft_runtime.errors import AdapterFormatError
+from deft_runtime.errors import AdapterFormatError, shorten
 
 
 class AdapterKind(StrEnum):
@@ -65,7 +65,7 @@ def parse_kind(value: str) -> AdapterKind:
         return AdapterKind(value.lower())
     except ValueError as e:
         choices = ", ".join(k.value for k in AdapterKind)
-        raise AdapterFormatError(f"unknown adapter kind {value!r}; expected one of: {choices}") from e
+        raise AdapterFormatError(f"unknown adapter kind {shorten(value)}; expected one of: {choices}") from e
 
 
 def parse_decomposition(value: str) -> Decomposition:
@@ -75,7 +75,7 @@ def parse_decomposition(value: str) -> Decomposition:
     except ValueError as e:
         choices = ", ".join(d.value for d in Decomposition)
         raise AdapterFormatError(
-            f"unknown projector decomposition {value!r}; expected one of: {choices}"
+            f"unknown projector decomposition {shorten(value)}; expected one of: {choices}"
         ) from e
 
 
@@ -151,8 +151,12 @@ class BaseFingerprint:
         try:
             raw = json.loads(text)
             shapes = {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise AdapterFormatError(f"adapter fingerprint is not valid JSON of shapes: {e}") from e
+        except RecursionError as e:  # raised by the C decoder on arrays nested thousands deep
+            raise AdapterFormatError("adapter fingerprint is nested too deeply to be JSON of shapes") from e
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            raise AdapterFormatError(
+                f"adapter fingerprint is not JSON of shapes {{module: [d_out, d_in]}}: {shorten(str(e), quote=False)}"
+            ) from e
         return cls(shapes)
 
     @classmethod

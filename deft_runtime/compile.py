@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from deft_runtime.adapter import Adapter, AdapterKind, BaseFingerprint, LayerParams
-from deft_runtime.errors import UnknownTargetModule
+from deft_runtime.errors import AdapterFormatError, NonFiniteAdapter, UnknownTargetModule, shorten
 from deft_runtime.projectors import project
 from deft_runtime.validation import validate_against_base
 
@@ -87,6 +87,20 @@ def compile_layer(adapter: Adapter, layer: LayerParams, W0: torch.Tensor) -> Low
     return LowRankFactors(B=Q, A=injection_scale(layer) * layer.R.float() - removal)
 
 
+def _checked_layer(adapter: Adapter, name: str, layer: LayerParams, W0: torch.Tensor) -> LowRankFactors:
+    """:func:`compile_layer`, refusing factors that overflow float32 (finite but absurd tensors)."""
+    try:
+        f = compile_layer(adapter, layer, W0)
+    except torch.linalg.LinAlgError as e:  # QR/SVD of a degenerate or overflowing P
+        raise AdapterFormatError(f"layer {shorten(name)}: the projector decomposition failed ({e})") from e
+    if not (bool(torch.isfinite(f.B).all()) and bool(torch.isfinite(f.A).all())):
+        raise NonFiniteAdapter(
+            f"layer {shorten(name)}: compiling it against the base weight overflows float32 (its values "
+            "are far too large); the adapter is broken"
+        )
+    return f
+
+
 def compile_adapter(
     adapter: Adapter, base_weights: Mapping[str, torch.Tensor], *, max_rank: int | None = None
 ) -> CompiledAdapter:
@@ -98,7 +112,8 @@ def compile_adapter(
     validate_against_base(adapter, base_weights, max_rank=max_rank)
     with torch.no_grad():
         factors = {
-            name: compile_layer(adapter, layer, base_weights[name]) for name, layer in adapter.layers.items()
+            name: _checked_layer(adapter, name, layer, base_weights[name])
+            for name, layer in adapter.layers.items()
         }
     fingerprint = BaseFingerprint.of_weights({name: base_weights[name] for name in adapter.layers})
     return CompiledAdapter(kind=adapter.kind, factors=factors, fingerprint=fingerprint)

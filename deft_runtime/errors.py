@@ -7,6 +7,26 @@ internal failure. Messages say what was expected, what was found, and what to do
 
 from __future__ import annotations
 
+#: How much of a user-supplied value (name, key, pattern) an error message echoes by default.
+ECHO_LIMIT = 80
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT, *, quote: bool = True) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for echoing user input into error messages.
+
+    gRPC status messages and details travel in headers (16 KiB in all), so a message must never grow
+    with the input: a 10k-character name becomes ``'nnnn…'… (10000 characters)``. ``quote=False``
+    cuts a string without quoting it (for the text of a library's error).
+    """
+    if isinstance(value, str):
+        head = repr(value[:limit]) if quote else value[:limit]
+        return head if len(value) <= limit else f"{head}… ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
 
 class DeftError(Exception):
     """Base class of every error deft raises on purpose."""
@@ -69,13 +89,3 @@ class InvalidRequest(DeftError, ValueError):
 
 class ModelLoadError(DeftError):
     """A base model could not be resolved or loaded."""
-
-
-def shorten(value: object, limit: int = 80) -> str:
-    """``repr(value)`` for a message, cut to about ``limit`` characters with the full length said,
-    so user input echoed into an error (names, ids, archive members) never makes it unbounded:
-    ``shorten("x" * 10_000, 16)`` → ``'xxxxxxxx'… (10000 characters)``."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[: max(limit // 2, 8)]!r}… ({len(text)} characters)"

@@ -2,7 +2,8 @@
 
 Three layers of checks, cheapest first:
 
-1. :func:`validate_tensors` — every tensor is floating point and finite (no base model needed);
+1. :func:`validate_tensors` — every tensor is floating point and finite, every scale finite and
+   within ``±MAX_SCALE`` (no base model needed);
 2. :func:`validate_structure` — each layer has exactly the roles its kind needs, with consistent ranks;
 3. :func:`validate_against_base` — every target exists in the base, shapes fit ``W0``, ranks are
    possible (``r ≤ min(d_out, d_in)``) and within the configured maximum, and the adapter's recorded
@@ -12,6 +13,7 @@ Three layers of checks, cheapest first:
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 
 import torch
@@ -25,7 +27,12 @@ from deft_runtime.errors import (
     NonFiniteAdapter,
     RankError,
     UnknownTargetModule,
+    shorten,
 )
+
+#: Largest |scale| (``alpha / r``) of a layer: trained adapters sit near 1; beyond this, outputs blow up.
+MAX_SCALE = 1e4
+ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _REQUIRED_ROLES: dict[AdapterKind, frozenset[str]] = {
     AdapterKind.DEFT: frozenset({"P", "R"}),
@@ -39,14 +46,35 @@ _ALLOWED_ROLES: dict[AdapterKind, frozenset[str]] = {
 }
 
 
+def require_matrix(key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is 2-D; else an :class:`AdapterShapeError` naming the tensor ``key``."""
+    if t.dim() != 2:
+        raise AdapterShapeError(
+            f"{shorten(key, 120, quote=False)} must be a matrix, found shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def validate_scale(name: str, scale: float) -> None:
+    """A layer's scale is finite and within ``±MAX_SCALE``."""
+    if not math.isfinite(scale):
+        raise NonFiniteAdapter(f"the scale of layer {shorten(name)} is {scale!r}; it must be a finite number")
+    if abs(scale) > MAX_SCALE:
+        raise AdapterFormatError(
+            f"the scale of layer {shorten(name)} is {scale!r}, outside [{-MAX_SCALE:g}, {MAX_SCALE:g}] "
+            "(alpha / r); no working adapter needs such a value"
+        )
+
+
 def validate_tensors(adapter: Adapter) -> None:
-    """Every tensor is a floating-point tensor without NaN or Inf."""
+    """Every tensor is a floating-point tensor without NaN or Inf; every scale is bounded."""
     for name, layer in adapter.layers.items():
+        validate_scale(name, layer.scale)
         for role, t in layer.tensors().items():
-            if not torch.is_floating_point(t):
+            if t.dtype not in ACCEPTED_DTYPES:
                 raise AdapterDtypeError(
-                    f"{name}.{role} has dtype {t.dtype}; adapter tensors must be floating point "
-                    "(float32, float16 or bfloat16)"
+                    f"{shorten(name, quote=False)}.{role} has dtype {t.dtype}; adapter tensors must be "
+                    "floating point (float32, float16, bfloat16 or float64)"
                 )
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
@@ -67,20 +95,23 @@ def _validate_layer_structure(adapter: Adapter, name: str, layer: LayerParams) -
     extra = roles - _ALLOWED_ROLES[adapter.kind]
     if missing or extra:
         raise AdapterFormatError(
-            f"layer {name!r} of a {adapter.kind.value} adapter has tensors {sorted(roles)}; "
+            f"layer {shorten(name)} of a {adapter.kind.value} adapter has tensors {sorted(roles)}; "
             f"missing {sorted(missing)}, not allowed {sorted(extra)}"
         )
     if (adapter.decomposition is Decomposition.NMF) != (layer.H is not None):
-        raise AdapterFormatError(f"layer {name!r}: H is required by (and only by) the nmf decomposition")
+        raise AdapterFormatError(
+            f"layer {shorten(name)}: H is required by (and only by) the nmf decomposition"
+        )
     for role, t in layer.tensors().items():
-        expected_ndim = 0 if role == "gate" else 2
-        if t.dim() != expected_ndim and not (role == "gate" and t.numel() == 1):
+        if role != "gate":
+            require_matrix(f"{name}.{role}", t)
+        elif t.numel() != 1:
             raise AdapterShapeError(
-                f"{name}.{role} must have {expected_ndim} dims, found shape {tuple(t.shape)}"
+                f"{shorten(name)}: gate must be a single number, found shape {tuple(t.shape)}"
             )
     r, d_out = layer.rank, layer.d_out
     if r < 1:
-        raise RankError(f"layer {name!r} has rank 0; every target layer needs rank ≥ 1")
+        raise RankError(f"layer {shorten(name)} has rank 0; every target layer needs rank ≥ 1")
     for role in ("R", "down"):
         t = getattr(layer, role)
         if t is not None and t.shape[0] != r:
@@ -95,10 +126,11 @@ def validate_structure(adapter: Adapter) -> None:
 
 
 def _unknown_target_message(name: str, known: Mapping[str, torch.Tensor]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
+    # difflib is quadratic in the name's length: suggest only for names a person could have typed
+    close = difflib.get_close_matches(name, list(known), n=1) if len(name) <= 256 else []
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
-        f"the base model has no adapter target {name!r} ({len(known)} targetable Linear layers).{hint} "
+        f"the base model has no adapter target {shorten(name)} ({len(known)} targetable Linear layers).{hint} "
         "Check that the adapter was trained for this base model and that its targets are among the "
         "wrapped layers."
     )
@@ -109,16 +141,16 @@ def _validate_layer_against(name: str, layer: LayerParams, W0: torch.Tensor, max
     if layer.d_out != d_out or (layer.d_in is not None and layer.d_in != d_in):
         found = (layer.d_out, layer.d_in if layer.d_in is not None else "any")
         raise AdapterShapeError(
-            f"layer {name!r}: the adapter is for a [{found[0]} x {found[1]}] weight, the base weight is "
+            f"layer {shorten(name)}: the adapter is for a [{found[0]} x {found[1]}] weight, the base weight is "
             f"[{d_out} x {d_in}]; the adapter was made for a different base model"
         )
     r = layer.rank
     if r > min(d_out, d_in):
         raise RankError(
-            f"layer {name!r}: rank {r} is impossible for a [{d_out} x {d_in}] weight (at most {min(d_out, d_in)})"
+            f"layer {shorten(name)}: rank {r} is impossible for a [{d_out} x {d_in}] weight (at most {min(d_out, d_in)})"
         )
     if max_rank is not None and r > max_rank:
-        raise RankError(f"layer {name!r}: rank {r} is above this server's maximum rank {max_rank}")
+        raise RankError(f"layer {shorten(name)}: rank {r} is above this server's maximum rank {max_rank}")
 
 
 def validate_against_base(
@@ -136,7 +168,7 @@ def validate_against_base(
             n = mismatched[0]
             found = tuple(base_weights[n].shape) if n in base_weights else "missing"
             raise AdapterIncompatible(
-                f"the adapter was made for base {adapter.fingerprint.digest} whose {n!r} weight is "
+                f"the adapter was made for base {adapter.fingerprint.digest} whose {shorten(n)} weight is "
                 f"{shapes[n]}; in this base it is {found} ({len(mismatched)} of {len(shapes)} layers differ). "
                 "Register it on the base model it was trained for."
             )

@@ -253,7 +253,7 @@ def test_nan_inf_and_integer_tensors_are_refused(tmp_path):
     with pytest.raises(NonFiniteAdapter, match=r"proj.R contains 1 NaN/Inf"):
         load_adapter(_write_native_with(tmp_path, "R", inf))
     with pytest.raises(
-        AdapterDtypeError, match=r"proj.R has dtype torch.int32; adapter tensors must be floating"
+        AdapterDtypeError, match=r"tensor 'proj.R' has dtype I32; adapter tensors must be floating point"
     ):
         load_adapter(_write_native_with(tmp_path, "R", torch.zeros(2, 8, dtype=torch.int32)))
 

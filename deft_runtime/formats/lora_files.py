@@ -8,7 +8,6 @@ deft accepts exactly what diffusers accepts; the result is PEFT-style keys which
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import torch
 
 from deft_runtime.adapter import Adapter, AdapterKind
-from deft_runtime.errors import AdapterFormatError
+from deft_runtime.errors import AdapterFormatError, AdapterShapeError, shorten
+from deft_runtime.formats.fields import MAX_ALPHA, finite, parse_json
 from deft_runtime.formats.peft import lora_from_config, lora_from_tensors, strip_prefix
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
 from deft_runtime.validation import validate_structure, validate_tensors
@@ -32,6 +32,7 @@ def _to_peft_keys(
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    _check_alphas(tensors)
     try:
         state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(
             dict(tensors), unet_config=unet_config
@@ -41,9 +42,22 @@ def _to_peft_keys(
         alpha_keys = {k.removesuffix(".alpha"): torch.tensor(v) for k, v in (network_alphas or {}).items()}
         converted_alphas = convert_unet_state_dict_to_peft(alpha_keys) if alpha_keys else {}
     except (ValueError, KeyError, RuntimeError, IndexError) as e:
-        raise AdapterFormatError(f"not a LoRA layout diffusers can read: {e}") from e
+        raise AdapterFormatError(
+            f"not a LoRA layout diffusers can read: {shorten(str(e), 300, quote=False)}"
+        ) from e
     alphas = {strip_prefix(k).removesuffix(".lora_A.weight"): float(v) for k, v in converted_alphas.items()}
     return state, alphas
+
+
+def _check_alphas(tensors: Mapping[str, torch.Tensor]) -> None:
+    """kohya ``<module>.alpha`` tensors: one finite number each, within ``±MAX_ALPHA``."""
+    for key, t in tensors.items():
+        if key.endswith(".alpha"):
+            if t.numel() != 1:
+                raise AdapterShapeError(
+                    f"{shorten(key)}: alpha must be a single number, found shape {tuple(t.shape)}"
+                )
+            finite(float(t.reshape(()).float()), f"alpha {shorten(key)}", MAX_ALPHA)
 
 
 def lora_from_single_file(
@@ -72,10 +86,9 @@ def _diffusers_lora_config(metadata: Mapping[str, str]) -> dict[str, object] | N
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if not raw:
         return None
-    try:
-        packed = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"{DIFFUSERS_METADATA_KEY} metadata is not valid JSON: {e}") from e
+    packed = parse_json(raw, f"{DIFFUSERS_METADATA_KEY} metadata")
+    if not isinstance(packed, dict):
+        raise AdapterFormatError(f"{DIFFUSERS_METADATA_KEY} must be a JSON object, found {shorten(packed)}")
     for prefix in ("unet.", "transformer."):
         config = {k[len(prefix) :]: v for k, v in packed.items() if k.startswith(prefix)}
         if config:

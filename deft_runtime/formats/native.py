@@ -26,14 +26,15 @@ from pathlib import Path
 import torch
 
 from deft_runtime.adapter import Adapter, BaseFingerprint, LayerParams, parse_decomposition, parse_kind
-from deft_runtime.errors import AdapterFormatError
+from deft_runtime.errors import AdapterFormatError, shorten
+from deft_runtime.formats.fields import field_name, mapping, number, parse_json
 from deft_runtime.formats.safetensors_io import (
     DEFAULT_LIMITS,
     ReadLimits,
     read_safetensors,
     write_safetensors_atomic,
 )
-from deft_runtime.validation import validate_structure, validate_tensors
+from deft_runtime.validation import MAX_SCALE, validate_structure, validate_tensors
 
 FORMAT_NAME = "deft.adapter"
 FORMAT_VERSION = "1"
@@ -71,13 +72,16 @@ def save_native(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
 
 
 def _json_field(metadata: dict[str, str], key: str, default: str) -> dict[str, object]:
-    try:
-        value = json.loads(metadata.get(key, default))
-    except json.JSONDecodeError as e:
-        raise AdapterFormatError(f"metadata field {key!r} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise AdapterFormatError(f"metadata field {key!r} must be a JSON object")
-    return value
+    value = parse_json(metadata.get(key, default), f"metadata field {key!r}")
+    return mapping(value, f"metadata field {key!r}")
+
+
+def _user_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    user = _json_field(metadata, "user", "{}")
+    for key, value in user.items():
+        if isinstance(value, dict | list):
+            raise AdapterFormatError(f"{field_name(key, 'user')} must be a string, found {shorten(value)}")
+    return {str(k): str(v) for k, v in user.items()}
 
 
 def _group_layers(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -85,7 +89,9 @@ def _group_layers(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
     for key, t in tensors.items():
         name, _, role = key.rpartition(".")
         if not name or role not in _ROLES:
-            raise AdapterFormatError(f"tensor {key!r} is not '<module>.<role>' with role in {list(_ROLES)}")
+            raise AdapterFormatError(
+                f"tensor {shorten(key)} is not '<module>.<role>' with role in {list(_ROLES)}"
+            )
         layers.setdefault(name, {})[role] = t
     return layers
 
@@ -103,13 +109,10 @@ def from_native(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> A
     scales = _json_field(metadata, "scales", "{}")
     layers = {}
     for name, roles in _group_layers(tensors).items():
-        try:
-            scale = float(scales.get(name, 1.0))  # type: ignore[arg-type]
-        except (TypeError, ValueError) as e:
-            raise AdapterFormatError(f"scale of layer {name!r} is not a number") from e
+        scale = number(scales.get(name, 1.0), field_name(name, "scales"), bound=MAX_SCALE)
         layers[name] = LayerParams(**roles, scale=scale)
     fingerprint = BaseFingerprint.from_json(metadata["fingerprint"]) if "fingerprint" in metadata else None
-    user = {str(k): str(v) for k, v in _json_field(metadata, "user", "{}").items()}
+    user = _user_metadata(metadata)
     adapter = Adapter(
         kind=kind, layers=layers, decomposition=decomposition, fingerprint=fingerprint, metadata=user
     )

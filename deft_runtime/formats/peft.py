@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from deft_runtime.adapter import Adapter, AdapterKind, Decomposition, LayerParams, parse_decomposition
-from deft_runtime.errors import AdapterFormatError, UnknownTargetModule, UnsafeAdapterFormat
+from deft_runtime.errors import AdapterFormatError, UnknownTargetModule, UnsafeAdapterFormat, shorten
+from deft_runtime.formats.fields import flag, number, parse_json, rank, string
+from deft_runtime.formats.patterns import PatternTable
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
-from deft_runtime.validation import validate_structure, validate_tensors
+from deft_runtime.validation import require_matrix, validate_structure, validate_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,17 +50,9 @@ def _refuse_text_encoder(keys: list[str]) -> None:
     te = [k for k in keys if k.startswith(_TEXT_ENCODER_PREFIXES)]
     if te:
         raise UnknownTargetModule(
-            f"the file has {len(te)} text-encoder tensors (e.g. {te[0]!r}); deft applies adapters to the "
+            f"the file has {len(te)} text-encoder tensors (e.g. {shorten(te[0])}); deft applies adapters to the "
             "denoiser only. Export the adapter without text-encoder layers."
         )
-
-
-def _pattern_value(pattern: Mapping[str, object], module: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path suffix (or regex)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)  # type: ignore[arg-type]
-    return default
 
 
 def lora_from_tensors(
@@ -83,63 +77,70 @@ def lora_from_tensors(
         m = _LORA_KEY.match(key)
         if m is None:
             raise AdapterFormatError(
-                f"unexpected tensor {raw_key!r} in a LoRA file; expected '<module>.lora_A.weight' and "
+                f"unexpected tensor {shorten(raw_key)} in a LoRA file; expected '<module>.lora_A.weight' and "
                 "'<module>.lora_B.weight' (PEFT/diffusers) or kohya 'lora_unet_…' keys"
             )
-        parts.setdefault(m["module"], {})[m["role"]] = tensors[raw_key]
+        parts.setdefault(m["module"], {})[m["role"]] = require_matrix(raw_key, tensors[raw_key])
     layers = {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
             raise AdapterFormatError(
-                f"LoRA layer {module!r} has only lora_{next(iter(ab))}; both A and B are needed"
+                f"LoRA layer {shorten(module)} has only lora_{next(iter(ab))}; both A and B are needed"
             )
         r = int(ab["A"].shape[0])
         alpha = alpha_for(module)
-        scale = 1.0 if alpha is None else alpha / (math.sqrt(r) if use_rslora else r)
+        # r = 0 is refused by validate_structure with a RankError; do not divide by it first
+        scale = 1.0 if alpha is None or r == 0 else alpha / (math.sqrt(r) if use_rslora else r)
         layers[module] = LayerParams(up=ab["B"], down=ab["A"], scale=scale)
     return layers
 
 
-def lora_from_config(tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Adapter:
-    if config.get("use_dora"):
+def lora_from_config(tensors: dict[str, torch.Tensor], config: Mapping[str, object]) -> Adapter:
+    """A LoRA adapter from PEFT-style tensors and a LoraConfig (every field type-checked first)."""
+    if flag(config.get("use_dora"), "'use_dora'"):
         raise AdapterFormatError("DoRA adapters (use_dora=true) are not low rank; deft cannot serve them")
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r_default = float(config.get("r", 8))  # type: ignore[arg-type]
-    alpha_default = float(config.get("lora_alpha", r_default))  # type: ignore[arg-type]
-    layers = lora_from_tensors(
-        tensors,
-        lambda module: _pattern_value(alpha_pattern, module, alpha_default),  # type: ignore[arg-type]
-        use_rslora=bool(config.get("use_rslora")),
-    )
+    r_default = rank(config.get("r", 8), "'r'")
+    alpha_default = number(config.get("lora_alpha", r_default), "'lora_alpha'")
+    rank_pattern = PatternTable.parse(config.get("rank_pattern"), "rank_pattern", rank)
+    alpha_pattern = PatternTable.parse(config.get("alpha_pattern"), "alpha_pattern", number)
+    use_rslora = flag(config.get("use_rslora"), "'use_rslora'")
+
+    def alpha_for(module: str) -> float:
+        alpha = alpha_pattern.lookup(module)
+        return alpha_default if alpha is None else alpha
+
+    layers = lora_from_tensors(tensors, alpha_for, use_rslora=use_rslora)
     for module, layer in layers.items():
-        expected = _pattern_value(rank_pattern, module, r_default)  # type: ignore[arg-type]
-        if layer.rank != int(expected):
+        expected = rank_pattern.lookup(module) or r_default
+        if layer.rank != expected:
             raise AdapterFormatError(
-                f"LoRA layer {module!r} has rank {layer.rank}, the config says {int(expected)}"
+                f"LoRA layer {shorten(module)} has rank {layer.rank}, the config says {expected}"
             )
     return Adapter(kind=AdapterKind.LORA, layers=layers, metadata={"source_format": "peft"})
 
 
-def _deft_from_config(tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Adapter:
-    para = bool(config.get("para", False))
-    alpha = config.get("alpha")
+def _deft_from_config(tensors: dict[str, torch.Tensor], config: Mapping[str, object]) -> Adapter:
+    para = flag(config.get("para"), "'para'")
+    raw_alpha = config.get("alpha")
+    alpha = None if raw_alpha is None else number(raw_alpha, "'alpha'")
+    mode = string(config.get("decomposition_method", "relu"), "'decomposition_method'")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for raw_key, t in tensors.items():
         m = _DEFT_KEY.match(strip_prefix(raw_key))
         if m is None:
             raise AdapterFormatError(
-                f"unexpected tensor {raw_key!r} in a PEFT DEFT adapter (expected deft_P/deft_R)"
+                f"unexpected tensor {shorten(raw_key)} in a PEFT DEFT adapter (expected deft_P/deft_R)"
             )
-        parts.setdefault(m["module"], {})[m["role"]] = t
+        parts.setdefault(m["module"], {})[m["role"]] = require_matrix(raw_key, t)
     layers = {}
     for module, roles in parts.items():
         if "P" not in roles or (not para and "R" not in roles):
-            raise AdapterFormatError(f"DEFT layer {module!r} lacks deft_P or deft_R")
+            raise AdapterFormatError(f"DEFT layer {shorten(module)} lacks deft_P or deft_R")
         r = int(roles["P"].shape[1])
-        scale = float(alpha) / r if alpha else 1.0  # type: ignore[arg-type]
+        # PEFT's DEFT: scale alpha / r when alpha is set (and not 0), else 1; r = 0 is a RankError later
+        scale = alpha / r if alpha and r else 1.0
         layers[module] = LayerParams(P=roles["P"], R=None if para else roles["R"], scale=scale)
-    decomposition = parse_decomposition(str(config.get("decomposition_method", "relu")))
+    decomposition = parse_decomposition(mode)
     kind = AdapterKind.PARA if para else AdapterKind.DEFT
     return Adapter(kind=kind, layers=layers, decomposition=decomposition, metadata={"source_format": "peft"})
 
@@ -157,21 +158,18 @@ def load_peft_dir(path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIM
                 "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
             )
         raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{config_path} is not valid JSON: {e}") from e
+    config = parse_json(config_path.read_bytes(), CONFIG_NAME)
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path} must hold a JSON object")
+        raise AdapterFormatError(f"{CONFIG_NAME} must hold a JSON object, found {shorten(config)}")
     tensors, _ = read_safetensors(weights_path, limits)
-    peft_type = str(config.get("peft_type", "")).upper()
+    peft_type = string(config.get("peft_type", ""), "'peft_type'").upper()
     if peft_type == "DEFT":
         adapter = _deft_from_config(tensors, config)
     elif peft_type == "LORA":
         adapter = lora_from_config(tensors, config)
     else:
         raise AdapterFormatError(
-            f"peft_type {peft_type or 'missing'!r} is not supported; deft reads DEFT and LORA"
+            f"peft_type {shorten(peft_type or 'missing')} is not supported; deft reads DEFT and LORA"
         )
     validate_structure(adapter)
     validate_tensors(adapter)

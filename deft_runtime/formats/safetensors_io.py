@@ -7,7 +7,6 @@ with a precise error instead of a large allocation or an opaque library message.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -17,11 +16,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from deft_runtime.errors import AdapterFormatError, AdapterTooLarge, UnsafeAdapterFormat
+from deft_runtime.errors import (
+    AdapterDtypeError,
+    AdapterFormatError,
+    AdapterTooLarge,
+    UnsafeAdapterFormat,
+    shorten,
+)
+from deft_runtime.formats.fields import parse_json
 
 #: Suffixes of pickle-based checkpoints: refused before a single byte is parsed.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container wraps a pickle
+#: safetensors dtypes an adapter tensor may have (float8 and integer tensors are refused).
+ACCEPTED_DTYPES = ("F32", "F16", "BF16", "F64")
+MAX_TENSOR_NAME_CHARS = 1024
+MAX_TENSORS = 100_000
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,35 @@ def read_header(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, ob
                 f"{limits.max_header_bytes} bytes"
             )
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path.name}: the safetensors header is not valid JSON ({e})") from e
+    header = parse_json(raw, f"{path.name}: the safetensors header")
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path.name}: the safetensors header is not a JSON object")
+    _check_entries(path.name, header)
     return header
+
+
+def _check_entries(file: str, header: dict[str, object]) -> None:
+    """Names, count and dtypes of the tensors, before the library reads a byte of their data."""
+    if len(header) > MAX_TENSORS:
+        raise AdapterFormatError(f"{file} has {len(header)} tensors; at most {MAX_TENSORS} are accepted")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if len(name) > MAX_TENSOR_NAME_CHARS:
+            raise AdapterFormatError(
+                f"{file}: tensor name {shorten(name)} has {len(name)} characters; at most "
+                f"{MAX_TENSOR_NAME_CHARS} are accepted"
+            )
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+            raise AdapterFormatError(
+                f"{file}: the header entry of tensor {shorten(name)} must be an object with a string "
+                f"dtype, a shape and data_offsets; found {shorten(entry)}"
+            )
+        if entry["dtype"] not in ACCEPTED_DTYPES:
+            raise AdapterDtypeError(
+                f"{file}: tensor {shorten(name)} has dtype {shorten(entry['dtype'], 16, quote=False)}; adapter "
+                f"tensors must be floating point: {', '.join(ACCEPTED_DTYPES[:-1])} or {ACCEPTED_DTYPES[-1]}"
+            )
 
 
 def read_safetensors(
@@ -96,7 +128,9 @@ def read_safetensors(
     try:
         tensors = load_file(str(path))
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
-        raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {e}") from e
+        raise AdapterFormatError(
+            f"{path.name} is not a readable safetensors file: {shorten(str(e), 200, quote=False)}"
+        ) from e
     return tensors, dict(metadata)
 
 
