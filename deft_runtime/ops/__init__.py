@@ -4,35 +4,41 @@ Every backend computes the same thing for one wrapped layer (pseudo-code, shapes
 
     # x: [R, T, d_in]   y: [R, T, d_out] (the base layer's output, updated in place)
     for i in range(R):                                   # rows of the denoiser batch
-        for k in range(K):                               # up to K blended adapters per row
-            s = batch.slots[i, k]
-            if s == NO_ADAPTER: continue                 # explicit sentinel, never an index
+        for (s, w) in batch.rows[i]:                     # up to K blended adapters per row
             r = pages.ranks[s]                           # this slot's rank in this layer (0: not targeted)
             p = pages.page_table[s, :r]                  # its pages in this layer's pool
             v = x[i] @ pages.A[p].T                      # shrink: [T, r]
-            y[i] += batch.weights[i, k] * (v @ pages.B[p])   # expand + fused add: [T, d_out]
+            y[i] += w * (v @ pages.B[p])                 # expand + fused add: [T, d_out]
 
 ``pages.A[p]`` is row ``p`` of the compiled ``A`` (``[r, d_in]``) and ``pages.B[p]`` the matching
 column of ``B`` (``[d_out, r]``), so a rank-r adapter occupies exactly r pages: no padding to a maximum
 rank (S-LoRA's unified paging, one page per rank vector). The Triton kernels accumulate in float32; the
 torch backend computes in the serving dtype (its matmuls accumulate in float32 internally).
 
+Each backend owns its per-forward metadata: :meth:`AdapterOps.prepare` (called by
+:meth:`AdapterBatch.set <deft_runtime.batch.AdapterBatch.set>`, once per forward, outside compiled code)
+fills the backend's preallocated buffers from the batch's neutral ``(slot, weight)`` rows and does nothing
+when the mapping equals the one it prepared last, as it does for consecutive steps of the same requests.
+
 Backends:
 
-- ``torch`` (:mod:`.torch_ops`): the reference and the CPU path, gathered matmuls per segment.
-- ``triton`` (:mod:`.triton_ops`): segmented shrink/expand kernels (Punica SGMV style) that loop only
-  over each row's own pages; registered as torch custom ops so ``torch.compile`` and CUDA graphs work.
+- ``torch`` (:mod:`.torch_ops`): the reference and the CPU path; ``prepare`` groups rows by slot into
+  runs of consecutive rows, and a layer runs two gathered matmuls per run (views only).
+- ``triton`` (:mod:`.triton_ops`): ``prepare`` writes dense ``[R, K]`` slot and weight tensors; BGMV-style
+  shrink/expand kernels, one program per (row, token block, pair or output block), loop only over each
+  row's own pages; registered as a torch custom op so ``torch.compile`` and CUDA graphs work.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
-from deft_runtime.batch import AdapterBatch
+from deft_runtime.batch import NO_ADAPTER, AdapterBatch, Mapping, RowAdapters
 
 BackendName = Literal["auto", "torch", "triton"]
 
@@ -85,9 +91,53 @@ class LayerPages:
 
 
 class AdapterOps(ABC):
-    """A multi-adapter backend. Implementations are stateless apart from their own scratch buffers."""
+    """A multi-adapter backend serving one :class:`AdapterBatch` (build the batch with ``backend=ops``).
+
+    It owns its per-forward metadata and scratch buffers, allocated once for the batch's limits; the
+    ``metadata_updates`` counter says how often a new mapping was prepared (repeats are skipped).
+    """
 
     name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._batch: AdapterBatch | None = None
+        self._prepared: Mapping | None = None
+        self.metadata_updates = 0
+
+    def prepare(self, batch: AdapterBatch) -> None:
+        """Make the backend's metadata describe ``batch.rows``; nothing to do if it already does.
+
+        Pseudo-code::
+
+            if batch.rows == last_prepared: return       # the same requests' next step
+            update(batch.rows)                            # backend-specific buffers, in place
+        """
+        if self._batch is None:
+            self.allocate(batch)
+            self._batch = batch
+        elif batch is not self._batch:
+            raise ValueError("this backend already serves another AdapterBatch; build one backend per batch")
+        if batch.rows == self._prepared:
+            return
+        self.update(batch.rows)
+        self._prepared = batch.rows
+        self.metadata_updates += 1
+
+    def check_prepared(self, batch: AdapterBatch) -> None:
+        """Refuse a batch whose mapping this backend never saw (its buffers would describe another)."""
+        if batch is not self._batch:
+            raise ValueError(
+                f"the {self.name} backend was not prepared for this AdapterBatch: build the batch with "
+                "AdapterBatch(..., backend=ops) so set() prepares it"
+            )
+
+    @abstractmethod
+    def allocate(self, batch: AdapterBatch) -> None:
+        """Preallocate metadata buffers for ``batch.max_rows`` rows of ``batch.K`` pairs (once)."""
+
+    @abstractmethod
+    def update(self, rows: Mapping) -> None:
+        """Rewrite the metadata buffers for ``rows`` (only when the mapping changed)."""
 
     @abstractmethod
     def add_adapters(
@@ -97,6 +147,23 @@ class AdapterOps(ABC):
 
         ``x: [R, T, d_in]``, ``y: [R, T, d_out]`` with ``R == batch.num_rows``.
         """
+
+
+def pack_rows(rows: Sequence[RowAdapters], K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense host tensors of a mapping: int32 ``slots`` and float32 ``weights``, ``[len(rows), K]``.
+
+    Pseudo-code::
+
+        slots[:, :] = NO_ADAPTER;  weights[:, :] = 0
+        for i, k:  slots[i, k], weights[i, k] = rows[i][k]
+    """
+    slot_rows = [[NO_ADAPTER] * K for _ in rows]
+    weight_rows = [[0.0] * K for _ in rows]
+    for i, pairs in enumerate(rows):
+        for k, (slot, weight) in enumerate(pairs):
+            slot_rows[i][k], weight_rows[i][k] = slot, weight
+    slots = torch.tensor(slot_rows, dtype=torch.int32).view(len(rows), K)
+    return slots, torch.tensor(weight_rows, dtype=torch.float32).view(len(rows), K)
 
 
 def triton_available() -> bool:

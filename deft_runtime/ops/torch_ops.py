@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from deft_runtime.batch import NO_ADAPTER, AdapterBatch
+from deft_runtime.batch import NO_ADAPTER, AdapterBatch, Mapping
 from deft_runtime.ops import AdapterOps, LayerPages
 
 
@@ -34,14 +36,55 @@ def reference_add_adapters(
     return y.copy_(out.to(y.dtype))
 
 
+@dataclass(frozen=True)
+class Run:
+    """Consecutive rows ``[start, stop)`` sharing one slot; ``weight`` is a float when all rows agree,
+    else a float32 ``[n, 1, 1]`` view of the backend's preallocated weight buffer."""
+
+    start: int
+    stop: int
+    weight: float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """All rows that use one slot in this forward (the torch backend's work unit)."""
+
+    slot: int
+    runs: tuple[Run, ...]
+
+
+def plan_runs(rows: list[int], weights: list[float]) -> list[tuple[int, int, list[float]]]:
+    """Split sorted row indices into maximal consecutive runs: ``[(start, stop, weights)]`` (pure)."""
+    runs: list[tuple[int, int, list[float]]] = []
+    for row, weight in zip(rows, weights, strict=True):
+        if runs and runs[-1][1] == row:
+            start, _, ws = runs[-1]
+            runs[-1] = (start, row + 1, [*ws, weight])
+        else:
+            runs.append((row, row + 1, [weight]))
+    return runs
+
+
+def plan_segments(rows: Mapping) -> list[tuple[int, list[int], list[float]]]:
+    """Group rows by slot: ``[(slot, row indices, weights)]`` in first-appearance order (pure, no tensors)."""
+    by_slot: dict[int, tuple[list[int], list[float]]] = {}
+    for i, pairs in enumerate(rows):
+        for slot, weight in pairs:
+            entry = by_slot.setdefault(slot, ([], []))
+            entry[0].append(i)
+            entry[1].append(weight)
+    return [(slot, r, w) for slot, (r, w) in by_slot.items()]
+
+
 def segmented_add_adapters(
-    y: torch.Tensor, x: torch.Tensor, pages: LayerPages, batch: AdapterBatch
+    y: torch.Tensor, x: torch.Tensor, pages: LayerPages, segments: Sequence[Segment]
 ) -> torch.Tensor:
     """Gathered-matmul form of the same op, one run of consecutive rows per slot at a time.
 
     Pseudo-code::
 
-        for seg in batch.segments:                        # one per distinct slot
+        for seg in segments:                              # one per distinct slot
             p = page_index[seg.slot]                      # [r] page ids; skip if untargeted
             A, B = pages.A[p], pages.B[p]                 # [r, d_in], [r, d_out]
             for run in seg.runs:                          # rows [start, stop), views only
@@ -49,7 +92,7 @@ def segmented_add_adapters(
                 y[start:stop] += v @ B                    # fused: addmm_ into y
     """
     d_out = y.shape[-1]
-    for seg in batch.segments:
+    for seg in segments:
         index = pages.page_index[seg.slot]
         if index is None:
             continue
@@ -71,15 +114,45 @@ def segmented_add_adapters(
 
 
 class TorchOps(AdapterOps):
-    """Segments are planned once per forward by :class:`AdapterBatch`; each layer runs two matmuls per
-    distinct adapter, so a rank-4 adapter never pays for rank 64 and rows without adapters cost nothing."""
+    """``prepare`` plans one segment per distinct slot (runs of consecutive rows) once per forward; each
+    layer then runs two matmuls per run, so a rank-4 adapter never pays for rank 64 and rows without
+    adapters cost nothing. Runs that blend different weights read views of one preallocated buffer."""
 
     name: ClassVar[str] = "torch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.segments: list[Segment] = []
+        self._weights = torch.empty(0)
+        self._host_weights = torch.empty(0)
+
+    def allocate(self, batch: AdapterBatch) -> None:
+        # every (row, pair) lands in exactly one run, so max_rows·K weights always fit
+        self._weights = torch.zeros(batch.max_rows * batch.K, dtype=torch.float32, device=batch.device)
+        self._host_weights = torch.zeros(batch.max_rows * batch.K, dtype=torch.float32)
+
+    def update(self, rows: Mapping) -> None:
+        used = 0
+        segments = []
+        for slot, row_ids, weights in plan_segments(rows):
+            runs = []
+            for start, stop, ws in plan_runs(row_ids, weights):
+                if all(w == ws[0] for w in ws):
+                    runs.append(Run(start, stop, ws[0]))
+                    continue
+                self._host_weights[used : used + len(ws)] = torch.tensor(ws)
+                runs.append(Run(start, stop, self._weights[used : used + len(ws)].view(-1, 1, 1)))
+                used += len(ws)
+            segments.append(Segment(slot, tuple(runs)))
+        if used:
+            self._weights[:used].copy_(self._host_weights[:used])
+        self.segments = segments
 
     def add_adapters(
         self, y: torch.Tensor, x: torch.Tensor, pages: LayerPages, batch: AdapterBatch
     ) -> torch.Tensor:
-        return segmented_add_adapters(y, x, pages, batch)
+        self.check_prepared(batch)
+        return segmented_add_adapters(y, x, pages, self.segments)
 
 
 def factored_deft_delta(

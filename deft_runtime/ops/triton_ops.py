@@ -1,7 +1,9 @@
-"""The Triton backend: segmented shrink/expand kernels (Punica SGMV style) over paged adapters.
+"""The Triton backend: BGMV-style shrink/expand kernels over paged adapters.
 
-Two kernels per wrapped layer, each looping only over a row's own pages, so a rank-4 adapter never pays
-for rank 64 and a row without adapters costs one load of its slots::
+The grid is per row (and per blended pair for the shrink), like Punica's BGMV, not per segment of rows
+sharing an adapter as in SGMV: rows that use the same adapter each gather its pages themselves. Two
+kernels per wrapped layer, each looping only over a row's own pages, so a rank-4 adapter never pays for
+rank 64 and a row without adapters costs one load of its slots::
 
     # shrink, grid (R, ⌈T/BLOCK_T⌉, K)              v: fp32 scratch [R, T, K, max_rank]
     v[i, :, k, :r] = x[i] @ A[page_table[s, :r]].T       # s = slots[i, k], r = ranks[s]
@@ -30,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deft_runtime.batch import AdapterBatch
-from deft_runtime.ops import AdapterOps, LayerPages
+from deft_runtime.batch import NO_ADAPTER, AdapterBatch, Mapping
+from deft_runtime.ops import AdapterOps, LayerPages, pack_rows
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -279,17 +281,34 @@ def _add_adapters_fake(
 
 
 class TritonOps(AdapterOps):
-    """Calls ``deft::add_adapters`` with the batch's first ``R`` rows of slots and weights.
+    """Calls ``deft::add_adapters`` with the first ``R`` rows of its own slot and weight tensors.
 
-    Owns the fp32 shrink scratch ``[R, T, K, max_rank]``: one flat buffer per instance, grown (never
-    shrunk) when a call needs more, so steady-state calls and CUDA-graph replays allocate nothing.
+    ``prepare`` (once per forward, skipped when the mapping repeats) writes the batch's rows into
+    preallocated device tensors ``slots`` (int32 ``[max_rows, K]``, :data:`NO_ADAPTER` where unused) and
+    ``weights`` (float32, 0 where unused) in place, so CUDA graphs captured over them stay valid. Also owns
+    the fp32 shrink scratch ``[R, T, K, max_rank]``: one flat buffer per instance, grown (never shrunk)
+    when a call needs more, so steady-state calls and CUDA-graph replays allocate nothing.
     """
 
     name: ClassVar[str] = "triton"
 
     def __init__(self, blocks: TritonBlocks | None = None) -> None:
+        super().__init__()
         self.blocks = blocks or TritonBlocks()
         self._scratch: torch.Tensor | None = None
+        self.slots = torch.empty(0, 0, dtype=torch.int32)
+        self.weights = torch.empty(0, 0)
+
+    def allocate(self, batch: AdapterBatch) -> None:
+        shape = (batch.max_rows, batch.K)
+        self.slots = torch.full(shape, NO_ADAPTER, dtype=torch.int32, device=batch.device)
+        self.weights = torch.zeros(shape, dtype=torch.float32, device=batch.device)
+
+    def update(self, rows: Mapping) -> None:
+        slots, weights = pack_rows(rows, self.slots.shape[1])
+        n = len(rows)
+        self.slots[:n].copy_(slots)
+        self.weights[:n].copy_(weights)
 
     def scratch(self, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
         """A ``[R, T, K, max_rank]`` fp32 view of the instance's buffer (contents undefined)."""
@@ -304,8 +323,9 @@ class TritonOps(AdapterOps):
         self, y: torch.Tensor, x: torch.Tensor, pages: LayerPages, batch: AdapterBatch
     ) -> torch.Tensor:
         """``y[i] += Σ_k w_ik · (x[i] @ A_pᵀ) @ B_p`` over the batch's rows; returns y."""
+        self.check_prepared(batch)
         R, T = x.shape[0], x.shape[1]
-        slots, weights = batch.slots[:R], batch.weights[:R]
+        slots, weights = self.slots[:R], self.weights[:R]
         scratch = self.scratch((R, T, batch.K, pages.page_table.shape[1]), x.device)
         b = self.blocks
         torch.ops.deft.add_adapters(
