@@ -23,6 +23,7 @@ import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from deft_server.auth import TokenAuth
 from deft_server.config import ServerSettings
+from deft_server.http_api import HttpServer, start_http
 from deft_server.loading import ServingRuntime, load_runtime
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
@@ -68,13 +69,11 @@ def _options(settings: ServerSettings) -> list[tuple[str, Any]]:
 
 
 def build_server(
-    settings: ServerSettings, state: ServerState, metrics: ServerMetrics, health: HealthServicer
+    settings: ServerSettings, state: ServerState, generation: GenerationService, health: HealthServicer
 ) -> grpc.aio.Server:
     token = settings.token.get_secret_value() if settings.token else None
     server = grpc.aio.server(options=_options(settings), interceptors=[TokenAuth(token)] if token else None)
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationService(state, metrics, settings.request_limits()), server
-    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
         AdapterService(state, settings.upload_limits()), server
     )
@@ -153,9 +152,11 @@ async def load(
 async def serve(settings: ServerSettings) -> int:
     metrics, state, health = ServerMetrics(), ServerState(), HealthServicer()
     await set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server = build_server(settings, state, metrics, health)
+    generation = GenerationService(state, metrics, settings.request_limits())
+    server = build_server(settings, state, generation, health)
     await server.start()
     stop_metrics = start_metrics(settings, metrics)
+    http = await _start_http(settings, state, generation)
     stop = stop_event()
     log.info(
         "listening on %s:%d (metrics port %d); loading the model",
@@ -168,16 +169,57 @@ async def serve(settings: ServerSettings) -> int:
     except Exception as e:
         log.error("could not start serving: %s", e, exc_info=not isinstance(e, DeftError))
         await server.stop(grace=None)
+        await _stop_http(http)
         stop_metrics()
         return 1
     if runtime is not None:
         state.runtime = metrics.live.runtime = runtime
         await set_health(health, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", settings.model, settings.host, settings.port)
+        watch = asyncio.create_task(watch_registry(runtime, health))
         await stop.wait()
+        watch.cancel()
     await shutdown(server, health, state, settings.grace_period)
+    await _stop_http(http)
     stop_metrics()
     return 0
+
+
+async def _start_http(
+    settings: ServerSettings, state: ServerState, generation: GenerationService
+) -> HttpServer | None:
+    try:
+        return await start_http(settings, state, generation)
+    except OSError as e:
+        raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}: {e}") from e
+
+
+async def _stop_http(http: HttpServer | None) -> None:
+    """After the drain: in-flight HTTP requests have their results; close the listener."""
+    if http is not None:
+        await http.stop()
+
+
+async def watch_registry(runtime: ServingRuntime, health: HealthServicer, interval_s: float = 1.0) -> None:
+    """Health follows the registry: NOT_SERVING while its database is gone, replaced or unreadable (a
+    load balancer then stops sending work here), SERVING again once it answers."""
+    healthy = True
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(runtime.registry.store.check)
+            ok = True
+        except DeftError as e:
+            ok = False
+            if healthy:
+                log.error("the adapter registry cannot be used: %s", e)
+        if ok != healthy:
+            healthy = ok
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await set_health(health, status)
+            log.warning("health is now %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
 
 async def shutdown(server: grpc.aio.Server, health: HealthServicer, state: ServerState, grace: float) -> None:

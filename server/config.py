@@ -69,9 +69,16 @@ class ServerSettings(BaseSettings):
 
     # --- what to serve, where
     model: str = Field("tiny-sdxl", description="tiny-sdxl | tiny-omnigen | diffusers directory | hub id")
-    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers listen on")
+    host: str = Field("127.0.0.1", description="address the gRPC, HTTP and metrics servers listen on")
     port: int = Field(50051, ge=1, le=65535, description="gRPC port")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="OpenAI-compatible HTTP API and playground port (0: off)"
+    )
+    cors_origin: list[str] = Field(
+        default_factory=list,
+        description="browser origin allowed to call the HTTP API (repeatable; default none)",
+    )
     data_dir: Path = Field(
         default_factory=default_data_dir, description="registry folder (SQLite index, blobs, compiled cache)"
     )
