@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table
+from benchmarks.common import load_snapshot, markdown_table, run_suite, string_params
 from benchmarks.loadgen import (
     ROW_COLUMNS,
     Arrival,
@@ -39,9 +37,7 @@ from benchmarks.suites import (
     ensure_model,
     environment,
     judge,
-    load_snapshot,
     preset_argument,
-    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -297,19 +293,21 @@ def report(name: str, payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    name = args.out or f"adapters-scale-{args.preset}"
-    start, load_at_start = time.perf_counter(), load_snapshot()
-    with tempfile.TemporaryDirectory(prefix="deft-bench-") as tmp:
-        payload = measure(args, args.workdir or Path(tmp))
-    payload = {
-        "suite": "adapters-scale",
-        "machine": environment(PRESETS[args.preset]),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        **payload,
-        "targets": targets(payload["rows"], payload["confirmation"]),
-        "suite_seconds": time.perf_counter() - start,
-    }
-    return publish(name, payload, load_at_start, lambda path: plot(payload["rows"], path), report)
+
+    def measured(workdir: Path) -> dict[str, Any]:
+        payload = measure(args, workdir)
+        return {**payload, "targets": targets(payload["rows"], payload["confirmation"])}
+
+    return run_suite(
+        "adapters-scale",
+        args.out or f"adapters-scale-{args.preset}",
+        measured,
+        machine=lambda: environment(PRESETS[args.preset]),
+        params=string_params(args),
+        report=report,
+        figure=lambda path, payload: plot(payload["rows"], path),
+        workdir=args.workdir,
+    )
 
 
 if __name__ == "__main__":

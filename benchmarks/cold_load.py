@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import statistics
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -37,7 +36,7 @@ from deft_client import DeftClient, Progress
 from deft_server.store import SQLiteStore
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import markdown_table, synchronize
+from benchmarks.common import markdown_table, run_suite, string_params, synchronize
 from benchmarks.suites import (
     PRESETS,
     Preset,
@@ -45,9 +44,7 @@ from benchmarks.suites import (
     ensure_model,
     environment,
     judge,
-    load_snapshot,
     preset_argument,
-    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -318,22 +315,25 @@ def report(name: str, payload: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    name = args.out or f"cold-load-{args.preset}"
-    start, load_at_start = time.perf_counter(), load_snapshot()
-    with tempfile.TemporaryDirectory(prefix="deft-bench-") as tmp:
-        workdir = args.workdir or Path(tmp)
+
+    def measured(workdir: Path) -> dict[str, Any]:
         e2e = end_to_end(args, preset, workdir)
-        rows = components(args, preset, workdir / "components")
-    payload: dict[str, Any] = {
-        "suite": "cold-load",
-        "machine": environment(preset),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "preset": preset.describe(),
-        "end_to_end": e2e,
-        "components": rows,
-        "suite_seconds": time.perf_counter() - start,
-    }
-    return publish(name, payload, load_at_start, lambda path: plot(rows, path), report)
+        return {
+            "preset": preset.describe(),
+            "end_to_end": e2e,
+            "components": components(args, preset, workdir / "components"),
+        }
+
+    return run_suite(
+        "cold-load",
+        args.out or f"cold-load-{args.preset}",
+        measured,
+        machine=lambda: environment(preset),
+        params=string_params(args),
+        report=report,
+        figure=lambda path, payload: plot(payload["components"], path),
+        workdir=args.workdir,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,3 +84,51 @@ def write_report(
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md_path.write_text(markdown + "\n")
     return json_path, md_path
+
+
+def load_snapshot() -> dict[str, float]:
+    """The 1/5/15-minute load averages: how busy the shared machine was around a measurement."""
+    one, five, fifteen = os.getloadavg()
+    return {"load1": one, "load5": five, "load15": fifteen}
+
+
+def run_suite(
+    suite: str,
+    name: str,
+    measure: Callable[[Path], dict[str, Any]],
+    *,
+    machine: Callable[[], dict[str, Any]],
+    params: dict[str, Any],
+    report: Callable[[str, dict[str, Any]], str],
+    figure: Callable[[Path, dict[str, Any]], object] | None = None,
+    workdir: Path | None = None,
+    out_dir: Path = RESULTS_DIR,
+) -> dict[str, Any]:
+    """The one ``main`` of every suite, around its own ``measure(workdir)``.
+
+    Measures in ``workdir`` (default: a fresh temporary folder, removed after), then records the
+    machine with its load before and after, the parameters and the suite's wall time; draws
+    ``out_dir/NAME.png`` when the suite has a ``figure(path, payload)``, writes
+    ``out_dir/NAME.{json,md}`` (markdown from ``report(name, payload)``) and prints the markdown."""
+    started, load_at_start = time.perf_counter(), load_snapshot()
+    with tempfile.TemporaryDirectory(prefix="deft-bench-") as tmp:
+        measured = measure(workdir or Path(tmp))
+    payload: dict[str, Any] = {
+        "suite": suite,
+        "machine": {**machine(), "load_at_start": load_at_start, "load_at_end": load_snapshot()},
+        "params": params,
+        **measured,
+        "suite_seconds": time.perf_counter() - started,
+    }
+    if figure is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        figure(out_dir / f"{name}.png", payload)
+    markdown = report(name, payload)
+    write_report(name, payload, markdown, out_dir)
+    print(markdown)
+    return payload
+
+
+def string_params(args: Any, *, leave_out: Sequence[str] = ()) -> dict[str, str]:
+    """A suite's command-line arguments as the report records them (secrets left out)."""
+    return {k: str(v) for k, v in vars(args).items() if k not in leave_out}

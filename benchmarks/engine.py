@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_report
+from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, run_suite
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
 from deft_runtime.models import build_tiny_sdxl
@@ -167,7 +167,7 @@ def plot_cdf(curves: dict[str, dict[str, list[float]]], path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks engine", description=__doc__)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--adapters", type=int, default=8)
@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="engine-tiny-sdxl")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every policy at both offered loads on the same Poisson trace; draws the latency CDFs."""
     torch.manual_seed(0)
     t_single = service_time(args.adapters, args.max_batch_rows)
     rows: list[dict[str, Any]] = []
@@ -203,28 +207,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 {"load": label, "offered req/s": rate, "policy": policy, **summarize(lat, trace, wall)}
             )
             print(rows[-1], flush=True)
-    ratios = {}
-    for label in curves:
+    plot = RESULTS_DIR / f"{args.out}-latency-cdf.png"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot_cdf(curves, plot)
+    return {"single_request_service_s": t_single, "rows": rows, "ratios": ratios(rows), "plot": plot.name}
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for label in dict.fromkeys(r["load"] for r in rows):
         by = {r["policy"]: r for r in rows if r["load"] == label}
-        ratios[label] = {
+        out[label] = {
             "p99 step-level / static": by["step-level"]["p99_s"] / by["static"]["p99_s"],
             "throughput step-level / static": by["step-level"]["throughput_img_s"]
             / by["static"]["throughput_img_s"],
             "p99 step-level / one-at-a-time": by["step-level"]["p99_s"] / by["one-at-a-time"]["p99_s"],
         }
-    plot = RESULTS_DIR / f"{args.out}-latency-cdf.png"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot_cdf(curves, plot)
-    payload = {
-        "suite": "engine",
-        "machine": machine_info(torch.device("cpu")),
-        "params": vars(args),
-        "single_request_service_s": t_single,
-        "rows": rows,
-        "ratios": ratios,
-        "plot": plot.name,
-    }
-    md = (
+    return out
+
+
+def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
+    rows, t_single = payload["rows"], payload["single_request_service_s"]
+    return (
         f"# engine (tiny-sdxl, {args.requests} requests per run, steps {STEP_CHOICES}, {args.adapters} adapters)\n\n"
         f"One request alone takes {t_single:.3f} s on average.\n\n"
         + markdown_table(
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         + "\n\n"
         + markdown_table(
-            [{"load": k, **v} for k, v in ratios.items()],
+            [{"load": k, **v} for k, v in payload["ratios"].items()],
             [
                 "load",
                 "p99 step-level / static",
@@ -241,11 +245,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "p99 step-level / one-at-a-time",
             ],
         )
-        + f"\n\n![latency CDF]({plot.name})\n"
+        + f"\n\n![latency CDF]({payload['plot']})\n"
     )
-    write_report(args.out, payload, md)
-    print(md)
-    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    return run_suite(
+        "engine",
+        args.out,
+        lambda _workdir: measure(args),
+        machine=lambda: machine_info(torch.device("cpu")),
+        params=vars(args),
+        report=lambda _name, payload: report(args, payload),
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.common import interleaved_medians, machine_info, markdown_table, write_report
+from benchmarks.common import interleaved_medians, machine_info, markdown_table, run_suite
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.compile import compile_adapter
 from deft_runtime.ops.torch_ops import factored_deft_delta
@@ -250,24 +251,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     dtype = getattr(torch, args.dtype)
-    rows = []
-    for case in PRESETS[args.preset]:
-        rows += run_case(case, backend=args.backend, device=device, dtype=dtype, repeats=args.repeats)
-    name = args.out or f"kernels-{args.preset}-{args.backend}-{args.dtype}"
-    payload = {
-        "suite": "kernels",
-        "machine": machine_info(device),
-        "params": vars(args),
-        "batch": BATCH,
-        "rows": rows,
-    }
-    md = f"# kernels ({args.preset}, {args.backend}, {args.dtype}, batch {BATCH})\n\n" + markdown_table(
-        rows, COLUMNS
+
+    def measured(_workdir: Path) -> dict[str, Any]:
+        rows = []
+        for case in PRESETS[args.preset]:
+            rows += run_case(case, backend=args.backend, device=device, dtype=dtype, repeats=args.repeats)
+        return {"batch": BATCH, "rows": rows}
+
+    def report(_name: str, payload: dict[str, Any]) -> str:
+        title = f"# kernels ({args.preset}, {args.backend}, {args.dtype}, batch {BATCH})\n\n"
+        return title + markdown_table(payload["rows"], COLUMNS)
+
+    return run_suite(
+        "kernels",
+        args.out or f"kernels-{args.preset}-{args.backend}-{args.dtype}",
+        measured,
+        machine=lambda: machine_info(device),
+        params=vars(args),
+        report=report,
     )
-    json_path, md_path = write_report(name, payload, md)
-    print(md)
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
 
 
 if __name__ == "__main__":

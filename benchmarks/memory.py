@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,15 +25,13 @@ import psutil
 import torch
 from deft_client import DeftClient
 
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, run_suite, string_params
 from benchmarks.suites import (
     PRESETS,
     Preset,
     ensure_model,
     environment,
-    load_snapshot,
     preset_argument,
-    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -249,24 +245,26 @@ def report(name: str, payload: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
-    name = args.out or f"memory-{args.preset}"
-    start, load_at_start = time.perf_counter(), load_snapshot()
-    accounting = pool_accounting(preset)
-    with tempfile.TemporaryDirectory(prefix="deft-bench-") as tmp:
-        rss = server_rss(args, preset, args.workdir or Path(tmp))
-    per_gib = sdxl_per_gib(args.dtypes)
-    payload: dict[str, Any] = {
-        "suite": "memory",
-        "machine": environment(preset),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "preset": preset.describe(),
-        "pool_accounting": accounting,
-        "server_rss": rss,
-        "sdxl_targets": len(target_shapes("sdxl")),
-        "sdxl_per_gib": per_gib,
-        "suite_seconds": time.perf_counter() - start,
-    }
-    return publish(name, payload, load_at_start, lambda path: plot(per_gib, path), report)
+
+    def measured(workdir: Path) -> dict[str, Any]:
+        return {
+            "preset": preset.describe(),
+            "pool_accounting": pool_accounting(preset),
+            "server_rss": server_rss(args, preset, workdir),
+            "sdxl_targets": len(target_shapes("sdxl")),
+            "sdxl_per_gib": sdxl_per_gib(args.dtypes),
+        }
+
+    return run_suite(
+        "memory",
+        args.out or f"memory-{args.preset}",
+        measured,
+        machine=lambda: environment(preset),
+        params=string_params(args),
+        report=report,
+        figure=lambda path, payload: plot(payload["sdxl_per_gib"], path),
+        workdir=args.workdir,
+    )
 
 
 if __name__ == "__main__":

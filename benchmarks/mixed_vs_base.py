@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import markdown_table
+from benchmarks.common import load_snapshot, markdown_table, run_suite, string_params
 from benchmarks.loadgen import (
     ROW_COLUMNS,
     Arrival,
@@ -35,9 +33,7 @@ from benchmarks.suites import (
     ensure_model,
     environment,
     judge,
-    load_snapshot,
     preset_argument,
-    publish,
     pyplot,
     running_servers,
     save_figure,
@@ -160,19 +156,21 @@ def report(name: str, payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    name = args.out or f"mixed-vs-base-{args.preset}"
-    start, load_at_start = time.perf_counter(), load_snapshot()
-    with tempfile.TemporaryDirectory(prefix="deft-bench-") as tmp:
-        measured = measure(args, args.workdir or Path(tmp))
-    payload = {
-        "suite": "mixed-vs-base",
-        "machine": environment(PRESETS[args.preset]),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        **measured,
-        "summary": summarize(measured["rows"]),
-        "suite_seconds": time.perf_counter() - start,
-    }
-    return publish(name, payload, load_at_start, lambda path: plot(payload["rows"], path), report)
+
+    def measured(workdir: Path) -> dict[str, Any]:
+        result = measure(args, workdir)
+        return {**result, "summary": summarize(result["rows"])}
+
+    return run_suite(
+        "mixed-vs-base",
+        args.out or f"mixed-vs-base-{args.preset}",
+        measured,
+        machine=lambda: environment(PRESETS[args.preset]),
+        params=string_params(args),
+        report=report,
+        figure=lambda path, payload: plot(payload["rows"], path),
+        workdir=args.workdir,
+    )
 
 
 if __name__ == "__main__":

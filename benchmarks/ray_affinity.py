@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, markdown_table, write_report
+from benchmarks.common import RESULTS_DIR, markdown_table, run_suite, string_params
 from benchmarks.suites import (
     PRESETS,
     environment,
@@ -140,64 +139,61 @@ def run_mode(
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Both routing modes, interleaved over the rounds, against replicas sharing one registry."""
     import ray
     from deft_client import DeftClient
     from deft_server.ray_app import SERVICE_FUNCTIONS
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    args = parse_args(argv)
     preset = PRESETS["tiny"]
-    started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="deft-bench-ray-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        files = write_peft_adapters(
-            target_shapes("tiny-sdxl"), range(args.adapters), (4, 8), workdir / "adapters", prefix="ray"
-        )
-        with running_servers(["deft"], preset, "tiny-sdxl", workdir) as servers:
-            admin = servers["deft"]
-            with DeftClient(admin.address) as client:
-                for name, path in files.items():
-                    client.register_adapter(name, path)
-            registry = {"data_dir": str(admin.data_dir)}  # one machine: the SQLite registry is shared
-            grpc_port = free_port()
-            ray.init(num_cpus=4, object_store_memory=128 << 20, include_dashboard=False, log_to_driver=False)
-            try:
-                serve.start(
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICE_FUNCTIONS),
-                    http_options={"host": "127.0.0.1", "port": free_port()},
-                )
-                for _ in range(args.rounds):
-                    for mode in MODES:
-                        rows.append(run_mode(mode, args, registry, list(files), f"127.0.0.1:{grpc_port}"))
-                        print(rows[-1], flush=True)
-            finally:
-                serve.shutdown()
-                ray.shutdown()
+    files = write_peft_adapters(
+        target_shapes("tiny-sdxl"), range(args.adapters), (4, 8), workdir / "adapters", prefix="ray"
+    )
+    with running_servers(["deft"], preset, "tiny-sdxl", workdir) as servers:
+        admin = servers["deft"]
+        with DeftClient(admin.address) as client:
+            for name, path in files.items():
+                client.register_adapter(name, path)
+        registry = {"data_dir": str(admin.data_dir)}  # one machine: the SQLite registry is shared
+        grpc_port = free_port()
+        ray.init(num_cpus=4, object_store_memory=128 << 20, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICE_FUNCTIONS),
+                http_options={"host": "127.0.0.1", "port": free_port()},
+            )
+            for _ in range(args.rounds):
+                for mode in MODES:
+                    rows.append(run_mode(mode, args, registry, list(files), f"127.0.0.1:{grpc_port}"))
+                    print(rows[-1], flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return {"rows": rows, "affinity_over_any": affinity_over_any(rows)}
+
+
+def affinity_over_any(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     by_mode = {mode: [r for r in rows if r["mode"] == mode] for mode in MODES}
 
     def mean(mode: str, key: str) -> float:
         return statistics.mean(r[key] for r in by_mode[mode])
 
-    ratios = {
+    return {
         "device_loads_per_request": _ratio(
             mean("affinity", "device_loads_per_request"), mean("any", "device_loads_per_request")
         ),
         "images_per_s": _ratio(mean("affinity", "images_per_s"), mean("any", "images_per_s")),
         "p99_s": _ratio(mean("affinity", "p99_s"), mean("any", "p99_s")),
     }
-    payload: dict[str, Any] = {
-        "suite": "ray-affinity",
-        "machine": environment(preset),
-        "params": {k: str(v) for k, v in vars(args).items()},
-        "rows": rows,
-        "affinity_over_any": ratios,
-        "suite_seconds": time.perf_counter() - started,
-    }
+
+
+def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
+    rows, ratios = payload["rows"], payload["affinity_over_any"]
     columns = ["mode", "requests", "device_loads_per_request", "host_loads_per_request", "images_per_s"]
-    md = "\n\n".join(
+    return "\n\n".join(
         [
             f"# ray-affinity ({args.replicas} replicas × {args.resident} resident adapters, {args.adapters} "
             f"adapters uniform, {args.requests} requests at concurrency {args.concurrency}, "
@@ -207,9 +203,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} n/a" for k, v in ratios.items()),
         ]
     )
-    write_report(args.out or "ray-affinity", payload, md, args.results_dir)
-    print(md)
-    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    return run_suite(
+        "ray-affinity",
+        args.out or "ray-affinity",
+        lambda workdir: measure(args, workdir),
+        machine=lambda: environment(PRESETS["tiny"]),
+        params=string_params(args),
+        report=lambda _name, payload: report(args, payload),
+        workdir=args.workdir,
+        out_dir=args.results_dir,
+    )
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -20,14 +20,13 @@ import os
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_report
+from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, run_suite, string_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,49 +138,53 @@ def blob_fetch(url: str, root: Path, mib: int, repeats: int) -> dict[str, float]
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from deft_server.store import SQLiteStore
     from deft_server.store_postgres import PostgresStore
 
-    args = parse_args(argv)
     url = args.registry or test_database()
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="deft-bench-registry-") as tmp:
-        root = Path(tmp)
-        stores = {"sqlite": SQLiteStore(root / "sqlite"), "postgresql": PostgresStore(url, root / "pg")}
-        names = _fill(stores["sqlite"], args.adapters)
-        _fill(stores["postgresql"], args.adapters)
-        lookup = lookups(stores, names, args.lookups)
-        for store in stores.values():
-            store.close()
-        blobs = [blob_fetch(url, root, mib, args.repeats) for mib in args.blob_mib]
-    ratio = lookup["postgresql"]["p50_us"] / lookup["sqlite"]["p50_us"]
-    payload: dict[str, Any] = {
-        "suite": "registry",
-        "machine": machine_info(torch.device("cpu")),
-        "params": {k: str(v) for k, v in vars(args).items() if k != "registry"},
+    stores = {"sqlite": SQLiteStore(root / "sqlite"), "postgresql": PostgresStore(url, root / "pg")}
+    names = _fill(stores["sqlite"], args.adapters)
+    _fill(stores["postgresql"], args.adapters)
+    lookup = lookups(stores, names, args.lookups)
+    for store in stores.values():
+        store.close()
+    blobs = [blob_fetch(url, root, mib, args.repeats) for mib in args.blob_mib]
+    return {
         "lookup_us": lookup,
-        "lookup_p50_postgresql_over_sqlite": ratio,
+        "lookup_p50_postgresql_over_sqlite": lookup["postgresql"]["p50_us"] / lookup["sqlite"]["p50_us"],
         "blobs": blobs,
-        "suite_seconds": time.perf_counter() - started,
     }
-    rows = [{"store": key, **value} for key, value in lookup.items()]
-    md = "\n\n".join(
+
+
+def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
+    rows = [{"store": key, **value} for key, value in payload["lookup_us"].items()]
+    return "\n\n".join(
         [
             f"# registry ({args.adapters} adapters registered, {args.lookups} lookups each, interleaved)",
             "Per-request existence check (`store.find`), microseconds:",
             markdown_table(rows, ["store", "p50_us", "p99_us"]),
-            f"PostgreSQL ÷ SQLite, p50: {ratio:.2f}",
+            f"PostgreSQL ÷ SQLite, p50: {payload['lookup_p50_postgresql_over_sqlite']:.2f}",
             "First use on a replica: blob streamed from PostgreSQL into a cold cache vs a local file read:",
             markdown_table(
-                blobs,
+                payload["blobs"],
                 ["mib", "commit_s", "fetch_s", "file_read_s", "fetch_mib_per_s", "fetch_over_file_read"],
             ),
         ]
     )
-    write_report(args.out or "registry", payload, md, args.results_dir)
-    print(md)
-    return payload
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    return run_suite(
+        "registry",
+        args.out or "registry",
+        lambda root: measure(args, root),
+        machine=lambda: machine_info(torch.device("cpu")),
+        params=string_params(args, leave_out=["registry"]),  # the URL may hold a password
+        report=lambda _name, payload: report(args, payload),
+        out_dir=args.results_dir,
+    )
 
 
 if __name__ == "__main__":

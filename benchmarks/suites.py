@@ -20,14 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_report
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.formats import save_adapter
 from deft_runtime.layers import DEFAULT_TARGETS, find_targets
@@ -430,29 +429,6 @@ def running_servers(
     finally:
         for server in servers.values():
             server.stop()
-
-
-def publish(
-    name: str,
-    payload: dict[str, Any],
-    load_at_start: dict[str, float],
-    figure: Callable[[Path], object],
-    report: Callable[[str, dict[str, Any]], str],
-) -> dict[str, Any]:
-    """The end of every end-to-end suite: record the machine's load, draw ``results/NAME.png``, write
-    ``results/NAME.{json,md}`` and print the markdown."""
-    payload["machine"].update(load_at_start=load_at_start, load_at_end=load_snapshot())
-    figure(RESULTS_DIR / f"{name}.png")
-    md = report(name, payload)
-    write_report(name, payload, md)
-    print(md)
-    return payload
-
-
-def load_snapshot() -> dict[str, float]:
-    """The 1/5/15-minute load averages: how busy the shared machine was around a measurement."""
-    one, five, fifteen = os.getloadavg()
-    return {"load1": one, "load5": five, "load15": fifteen}
 
 
 # ------------------------------------------------------------------------------------------ reporting

@@ -260,3 +260,54 @@ def test_cold_load_components_run_on_the_server_store(tmp_path):
     stages = ("read file ms", "disk → host ms", "host → device ms", "disk → device ms")
     assert row["rank"] == 2 and all(row[stage] > 0 for stage in stages)
     assert row["disk→device / read"] == row["disk → device ms"] / row["read file ms"]
+
+
+def test_run_suite_measures_in_a_temporary_folder_and_writes_every_report(tmp_path, capsys):
+    """The one main of every suite: the payload it writes holds the machine with its load before and
+    after, the parameters, what was measured and the wall time; the figure and markdown are written
+    beside the JSON, and the temporary work folder is gone afterwards."""
+    import json
+
+    from benchmarks.common import run_suite
+
+    seen: list[Path] = []
+
+    def measure(workdir: Path) -> dict:
+        (workdir / "scratch").write_text("x")
+        seen.append(workdir)
+        return {"rows": [{"a": 1.5}]}
+
+    def figure(path: Path, payload: dict) -> None:
+        path.write_bytes(b"png")
+
+    payload = run_suite(
+        "demo",
+        "demo-run",
+        measure,
+        machine=lambda: {"cpu_count": 2},
+        params={"n": 3},
+        report=lambda name, p: f"# {name}: {p['rows'][0]['a']}",
+        figure=figure,
+        out_dir=tmp_path,
+    )
+    assert payload["suite"] == "demo" and payload["params"] == {"n": 3} and payload["rows"] == [{"a": 1.5}]
+    assert set(payload["machine"]) == {"cpu_count", "load_at_start", "load_at_end"}
+    assert payload["suite_seconds"] >= 0
+    assert json.loads((tmp_path / "demo-run.json").read_text())["rows"] == [{"a": 1.5}]
+    assert (tmp_path / "demo-run.md").read_text().strip() == "# demo-run: 1.5"
+    assert (tmp_path / "demo-run.png").read_bytes() == b"png"
+    assert "# demo-run: 1.5" in capsys.readouterr().out
+    assert not seen[0].exists()  # the temporary work folder is removed
+    kept = tmp_path / "work"
+    kept.mkdir()
+    run_suite(
+        "demo",
+        "kept",
+        measure,
+        machine=dict,
+        params={},
+        report=lambda n, p: "",
+        workdir=kept,
+        out_dir=tmp_path,
+    )
+    assert seen[-1] == kept and (kept / "scratch").exists()
