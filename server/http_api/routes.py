@@ -134,6 +134,8 @@ def adapter_json(adapter: adapters_pb2.Adapter) -> dict[str, Any]:
         adapter, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     fields["state"] = str(fields["state"]).removeprefix(_STATE_PREFIX).lower()
+    for key in ("size_bytes", "compiled_bytes"):  # proto3 JSON writes 64-bit integers as strings
+        fields[key] = int(fields[key])
     return {"id": adapter.name, "object": "adapter", **fields}
 
 
