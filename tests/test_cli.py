@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import typing
@@ -170,3 +171,16 @@ def test_every_command_that_talks_to_a_server_takes_the_same_connection_options(
             ("--tls-ca", "DEFT_TLS_CA"),
         ):
             assert flag in options and options[flag].envvar == env, (path, flag)
+
+
+def test_serve_help_through_the_real_executables_lists_the_generated_flags():
+    pytest.importorskip("pydantic_settings")
+    exe = str(Path(sys.executable).parent / "deft")
+    for command, usage in (
+        ([exe, "serve", "--help"], "deft serve"),
+        ([sys.executable, "-m", "deft_server", "--help"], "python -m deft_server"),
+    ):
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        assert out.returncode == 0, out.stderr
+        text = " ".join(out.stdout.split())
+        assert f"Usage: {usage}" in text and "--max-queue" in text and "[DEFT_MAX_QUEUE; 256]" in text, text

@@ -52,3 +52,12 @@ def test_the_deft_script_is_the_composition_layer():
     """The console script runs the composition layer, ``deft_cli``."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert config == {"deft": "deft_cli.app:app"}
+
+
+def test_serve_without_the_server_extra_says_what_to_install():
+    """``deft serve`` loads the server only when it runs; without the extra it names the extra."""
+    blocker = "; ".join(f"sys.modules[{name!r}] = None" for name in OPTIONAL)
+    code = f"import sys; {blocker}; from deft_cli.app import app; app(['serve'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.returncode == 1, out.stderr
+    assert "deft serve needs the server extra: pip install 'deft[server]'" in " ".join(out.stderr.split())

@@ -63,10 +63,7 @@ def export_onnx(
     import_onnx()
     started = time.monotonic()
     base = _Base.load(model, cache_dir, options, say)
-    resolved = base.read_adapters(specs, adapter_source, options, say)
-    if resolved:
-        say(f"merging {len(resolved)} adapter(s) into the {base.components[0].name}")
-        merge_adapters(base.denoiser, resolved)
+    resolved = base.merge(base.read_adapters(specs, adapter_source, options, say), say)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     files = {c.name: _export_file(c, out, options, say) for c in base.components}
@@ -123,6 +120,12 @@ class _Base:
             resolved.append(
                 resolve_adapter(spec, source=source, limits=options.limits, unet_config=unet_config)
             )
+        return resolved
+
+    def merge(self, resolved: list[ResolvedAdapter], say: Progress) -> list[ResolvedAdapter]:
+        if resolved:
+            say(f"merging {len(resolved)} adapter(s) into the {self.components[0].name}")
+            merge_adapters(self.denoiser, resolved)
         return resolved
 
 
