@@ -25,11 +25,12 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from deft_server.store import AdapterRecord, AdapterStore, exists_error
+from deft_server.store import AdapterRecord, AdapterStore, exists_error, not_found
+from deft_server.tenants import PUBLIC, NotPermitted, Tenant, current_tenant, pool_name, split_pool_name
 from deft_server.uploads import ReceivedFile, extract_archive, is_tar, validate_name
 
 from deft_runtime.adapter import Adapter
@@ -85,7 +86,7 @@ class AdapterRegistry:
         self.on_load = on_load
         self.base_digest = base.digest
         self._lock = threading.Lock()
-        self._incompatible: dict[str, tuple[str, str]] = {}  # name → (sha256, why it does not fit)
+        self._incompatible: dict[str, tuple[str, str]] = {}  # pool name → (sha256, why it does not fit)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -108,7 +109,7 @@ class AdapterRegistry:
                 self.cache.save_compiled(record.sha256, self.base_digest, self._compile_blob(record))
                 compiled += 1
             except (InvalidAdapter, AdapterIncompatible) as e:
-                self._incompatible[record.name] = (record.sha256, str(e))
+                self._incompatible[record.pool_name] = (record.sha256, str(e))
                 log.warning("adapter %r does not fit the served base model: %s", record.name, e)
         log.info(
             "registry %s: %d adapters (%d from the compiled cache, %d compiled, %d incompatible)",
@@ -122,9 +123,10 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ the pool's source
 
     def version(self, name: str) -> str | None:
-        """The sha256 registered as ``name`` now (asked of the store: another replica may have changed
-        it), or None. A look-up only."""
-        record = self.store.find(name)
+        """The sha256 registered under the pool name ``name`` (``owner/name``) now (asked of the store:
+        another replica may have changed it), or None. A look-up only."""
+        owner, bare = split_pool_name(name)
+        record = self.store.find(bare, owner)
         return None if record is None else record.sha256
 
     def exists(self, name: str) -> bool:
@@ -134,11 +136,12 @@ class AdapterRegistry:
         """Compiled factors of ``name`` from the local cache, compiled on a miss (blocking: the engine's
         loader thread calls this with no lock held)."""
         start = time.perf_counter()
-        record = self.store.get(name)
+        owner, bare = split_pool_name(name)
+        record = self.store.get(bare, owner)
         with self._lock:
             incompatible = self._incompatible.get(name)
         if incompatible is not None and incompatible[0] == record.sha256:
-            raise AdapterIncompatible(f"adapter {name!r}: {incompatible[1]}")
+            raise AdapterIncompatible(f"adapter {bare!r}: {incompatible[1]}")
         compiled = self.cache.load_compiled(record.sha256, self.base_digest)
         if compiled is None:  # not compiled for this base yet (or the cache file went missing)
             try:
@@ -146,7 +149,7 @@ class AdapterRegistry:
             except (InvalidAdapter, AdapterIncompatible) as e:
                 with self._lock:
                     self._incompatible[name] = (record.sha256, str(e))
-                raise AdapterIncompatible(f"adapter {name!r}: {e}") from e
+                raise AdapterIncompatible(f"adapter {bare!r}: {e}") from e
             self.cache.save_compiled(record.sha256, self.base_digest, compiled)
         self.on_load(time.perf_counter() - start)
         return record.sha256, compiled
@@ -157,16 +160,57 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ registration
 
     def register(
-        self, name: str, upload: ReceivedFile, upload_format: UploadFormat | None, metadata: Mapping[str, str]
+        self,
+        name: str,
+        upload: ReceivedFile,
+        upload_format: UploadFormat | None,
+        metadata: Mapping[str, str],
+        *,
+        public: bool = False,
+        tenant: Tenant | None = None,
     ) -> AdapterRecord:
-        """Validate and compile ``upload``, then commit it atomically under ``name``."""
+        """Validate and compile ``upload``, then commit it atomically as ``tenant``'s ``name`` (or a
+        public adapter: admins only), within the tenant's adapter count and bytes quotas."""
+        tenant = tenant or current_tenant()
         validate_name(name)
-        self.store.check()  # never accept a registration into a registry that has gone away
-        self.check_free(name)
+        owner = tenant.owner_for(public)
+        limits = tenant.limits if owner != PUBLIC else None
+        with self._audited("adapter.register", tenant, f"{owner}/{name}"):
+            self.store.check()  # never accept a registration into a registry that has gone away
+            self.check_free(name, owner)
+            if limits is not None:  # early, before compiling; the commit checks again, exactly
+                limits.check_storage(*self.store.usage(owner), upload.size)
+            record, compiled = self._build(name, owner, upload, upload_format, metadata)
+            # both steps are safe to race: the compiled cache is content-addressed and written atomically,
+            # and the store's commit is the one place a name is taken (AdapterExists if it lost the race);
+            # the claim keeps other processes' garbage collection off these files until the row exists
+            with self.cache.claim(record.sha256):
+                try:
+                    self.cache.save_compiled(record.sha256, self.base_digest, compiled)
+                    self.store.commit(record, upload.path, limits)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # else the next start collects them
+                        self.store.drop_unreferenced(record.sha256)
+                    raise
+        with self._lock:
+            self._incompatible.pop(record.pool_name, None)
+        log.info("registered adapter %r of %s", name, owner)
+        return record
+
+    def _build(
+        self,
+        name: str,
+        owner: str,
+        upload: ReceivedFile,
+        upload_format: UploadFormat | None,
+        metadata: Mapping[str, str],
+    ) -> tuple[AdapterRecord, CompiledAdapter]:
+        """Read and compile the upload; its record (not yet committed) and factors."""
         fmt = upload_format or (UploadFormat.PEFT_TAR if is_tar(upload.path) else UploadFormat.SAFETENSORS)
         with tempfile.TemporaryDirectory(dir=self.cache.tmp) as work:
             adapter = self._read(upload.path, fmt, Path(work))
             compiled = self._compile(name, adapter)
+        log.info("adapter %r: %s", name, adapter.describe())
         record = AdapterRecord(
             name=name,
             sha256=upload.sha256,
@@ -179,26 +223,26 @@ class AdapterRegistry:
             size_bytes=upload.size,
             compiled_bytes=compiled.nbytes,
             metadata=dict(metadata),
+            owner=owner,
         )
-        # both steps are safe to race: the compiled cache is content-addressed and written atomically,
-        # and the store's commit is the one place a name is taken (AdapterExists if it lost the race);
-        # the claim keeps other processes' garbage collection off these files until the row exists
-        with self.cache.claim(record.sha256):
-            try:
-                self.cache.save_compiled(record.sha256, self.base_digest, compiled)
-                self.store.commit(record, upload.path)
-            except BaseException:
-                with contextlib.suppress(Exception):  # else the next start collects them
-                    self.store.drop_unreferenced(record.sha256)
-                raise
-        with self._lock:
-            self._incompatible.pop(name, None)
-        log.info("registered adapter %r: %s", name, adapter.describe())
-        return record
+        return record, compiled
 
-    def check_free(self, name: str) -> None:
-        if self.store.find(name) is not None:
+    def check_free(self, name: str, owner: str | None = None) -> None:
+        """Refuse a name the owner (default: the calling tenant) already has."""
+        if self.store.find(name, current_tenant().id if owner is None else owner) is not None:
             raise exists_error(name)
+
+    @contextlib.contextmanager
+    def _audited(self, action: str, tenant: Tenant, target: str) -> Iterator[None]:
+        """Record ``action`` in the audit log with its outcome (ok, or the error's class)."""
+        try:
+            yield
+        except Exception as e:
+            self.store.audit.record(
+                action, tenant=tenant.id, key_id=tenant.key_id, target=target, result=type(e).__name__
+            )
+            raise
+        self.store.audit.record(action, tenant=tenant.id, key_id=tenant.key_id, target=target)
 
     def _read(self, path: Path, fmt: UploadFormat, work: Path) -> Adapter:
         if fmt is UploadFormat.PEFT_TAR:
@@ -218,31 +262,64 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ queries and deletion
 
-    def get(self, name: str) -> AdapterRecord:
-        return self.store.get(name)
+    def resolve(self, name: str, tenant: Tenant | None = None) -> AdapterRecord:
+        """The adapter ``name`` means for ``tenant`` (default: the calling one): its own, else a public
+        one. Another tenant's adapter is not found exactly like a name nobody has: the same query runs
+        (it reads only the caller's and public rows) and the same error leaves."""
+        tenant = tenant or current_tenant()
+        found = {r.owner: r for r in self.store.find_visible(name, tenant.visible_owners)}
+        for owner in tenant.visible_owners:
+            if owner in found:
+                return found[owner]
+        raise not_found(name)
+
+    def get(self, name: str, tenant: Tenant | None = None) -> AdapterRecord:
+        return self.resolve(validate_name(name), tenant)
+
+    def qualify(
+        self, adapters: tuple[tuple[str, float], ...], tenant: Tenant | None = None
+    ) -> tuple[tuple[str, float], ...]:
+        """A request's ``(name, weight)`` pairs with each name resolved to its pool name."""
+        return tuple((self.resolve(name, tenant).pool_name, weight) for name, weight in adapters)
 
     def records(self) -> list[AdapterRecord]:
         return self.store.records()
+
+    def records_page(self, after: str, limit: int, tenant: Tenant | None = None) -> list[AdapterRecord]:
+        """A page of the adapters ``tenant`` may list: an admin's lists every tenant's, others their own
+        and the public ones."""
+        tenant = tenant or current_tenant()
+        return self.store.records_page(after, limit, None if tenant.admin else tenant.visible_owners)
 
     def __len__(self) -> int:
         return self.store.count()
 
     def state(self, name: str) -> tuple[AdapterState, str]:
-        """READY or INCOMPATIBLE (with why); whether it is also resident is the pool's to say."""
+        """READY or INCOMPATIBLE (with why) of a pool name (a bare name: a public adapter); whether it
+        is also resident is the pool's to say."""
         with self._lock:
-            incompatible = self._incompatible.get(name)
+            incompatible = self._incompatible.get(pool_name(*split_pool_name(name)))
         if incompatible is not None:
             return AdapterState.INCOMPATIBLE, incompatible[1]
         return AdapterState.READY, ""
 
-    def delete(self, name: str) -> AdapterRecord:
-        """Unregister ``name``. Copies in adapter pools (here or on other replicas) are not touched: they
-        are refused at their next use, since the pool checks the version at every acquire."""
-        record = self.store.remove(name)
+    def check_deletable(self, record: AdapterRecord, tenant: Tenant | None = None) -> None:
+        if record.owner == PUBLIC and not (tenant or current_tenant()).admin:
+            raise NotPermitted(f"adapter {record.name!r} is public: only an admin key can delete it")
+
+    def delete(self, adapter: str | AdapterRecord, tenant: Tenant | None = None) -> AdapterRecord:
+        """Unregister ``adapter`` (a name, or a record :meth:`resolve` gave). Copies in adapter pools
+        (here or on other replicas) are not touched: they are refused at their next use, since the pool
+        checks the version at every acquire."""
+        tenant = tenant or current_tenant()
+        record = self.resolve(adapter, tenant) if isinstance(adapter, str) else adapter
+        with self._audited("adapter.delete", tenant, record.pool_name):
+            self.check_deletable(record, tenant)
+            removed = self.store.remove(record.name, record.owner)
         with self._lock:
-            self._incompatible.pop(name, None)
-        log.info("deleted adapter %r", name)
-        return record
+            self._incompatible.pop(record.pool_name, None)
+        log.info("deleted adapter %r of %s", record.name, record.owner)
+        return removed
 
 
 def _source_format(path: Path, fmt: UploadFormat, adapter: Adapter) -> str:

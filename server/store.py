@@ -20,6 +20,13 @@ recompiled.
 
 **Schema versioning.** Each backend records its schema version and applies migrations in order; a
 registry written by a newer deft is refused rather than misread.
+
+**Tenants (schema v2).** Every adapter has an ``owner`` (a tenant id, or
+:data:`~deft_server.tenants.PUBLIC`); names are unique per owner. Adapters of a v1 registry become
+public: every tenant can use them, only admins delete them, and a server without ``--auth keys``
+serves them exactly as before. The same database holds the tenant keys (:attr:`AdapterStore.keys`,
+salted hashes only); the audit log (:attr:`AdapterStore.audit`) is a table in PostgreSQL and
+``audit.jsonl`` beside a SQLite index.
 """
 
 from __future__ import annotations
@@ -34,13 +41,16 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deft_server.errors import AdapterExists, RegistryUnavailable
+from deft_server.keys import KeyTable
 from deft_server.local_cache import LocalCache
+from deft_server.tenants import PUBLIC, Limits, pool_name, split_pool_name
+from deft_server.tenants_audit import AUDIT_FILE, AuditLog, JsonLinesAudit
 
 from deft_runtime.errors import AdapterNotFound, DeftError
 
@@ -50,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, str] = {
     # version reached → SQL that gets there from the version before
     1: """
@@ -69,10 +79,47 @@ MIGRATIONS: dict[int, str] = {
         created_at     REAL NOT NULL    -- unix seconds
     );
     """,
+    # tenants: adapters get an owner (v1 adapters become public), names unique per owner; keys
+    2: """
+    CREATE TABLE adapters_v2 (
+        name           TEXT NOT NULL,
+        sha256         TEXT NOT NULL,
+        upload_format  TEXT NOT NULL,
+        source_format  TEXT NOT NULL,
+        kind           TEXT NOT NULL,
+        decomposition  TEXT NOT NULL,
+        ranks          TEXT NOT NULL,
+        target_count   INTEGER NOT NULL,
+        size_bytes     INTEGER NOT NULL,
+        compiled_bytes INTEGER NOT NULL,
+        metadata       TEXT NOT NULL,
+        created_at     REAL NOT NULL,
+        owner          TEXT NOT NULL,   -- tenant id, or '_public'
+        PRIMARY KEY (owner, name)
+    );
+    INSERT INTO adapters_v2 SELECT *, '_public' FROM adapters;
+    DROP TABLE adapters;
+    ALTER TABLE adapters_v2 RENAME TO adapters;
+    CREATE INDEX adapters_sha256 ON adapters (sha256);
+    CREATE TABLE keys (
+        key_id            TEXT PRIMARY KEY,
+        tenant            TEXT NOT NULL,
+        salt              TEXT NOT NULL,   -- hex, random per key
+        digest            TEXT NOT NULL,   -- hex HMAC-SHA256(salt, secret); the secret is not stored
+        admin             INTEGER NOT NULL,
+        max_adapters      INTEGER,         -- NULL: unlimited
+        max_adapter_bytes INTEGER,
+        max_concurrent    INTEGER,
+        rate              REAL,            -- requests per second
+        weight            REAL NOT NULL,
+        created_at        REAL NOT NULL,
+        revoked_at        REAL
+    );
+    """,
 }
 COLUMNS = (
     "name, sha256, upload_format, source_format, kind, decomposition, ranks, target_count, "
-    "size_bytes, compiled_bytes, metadata, created_at"
+    "size_bytes, compiled_bytes, metadata, created_at, owner"
 )
 
 
@@ -96,6 +143,11 @@ class AdapterRecord:
     compiled_bytes: int
     metadata: dict[str, str] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    owner: str = PUBLIC  # the tenant that registered it, or PUBLIC
+
+    @property
+    def pool_name(self) -> str:
+        return pool_name(self.owner, self.name)
 
     def row(self) -> tuple[object, ...]:
         return (
@@ -111,11 +163,26 @@ class AdapterRecord:
             self.compiled_bytes,
             json.dumps(self.metadata, sort_keys=True),
             self.created_at,
+            self.owner,
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> AdapterRecord:
-        name, sha, upload, source, kind, decomposition, ranks, targets, size, compiled, meta, created = row
+        (
+            name,
+            sha,
+            upload,
+            source,
+            kind,
+            decomposition,
+            ranks,
+            targets,
+            size,
+            compiled,
+            meta,
+            created,
+            owner,
+        ) = row
         return cls(
             name=str(name),
             sha256=str(sha),
@@ -129,6 +196,7 @@ class AdapterRecord:
             compiled_bytes=int(compiled),
             metadata={str(k): str(v) for k, v in json.loads(str(meta)).items()},
             created_at=float(created),
+            owner=str(owner),
         )
 
 
@@ -162,29 +230,53 @@ class AdapterStore(ABC):
     def location(self) -> str:
         """Where the index lives, for logs and messages (never with a password)."""
 
+    @property
     @abstractmethod
-    def records(self) -> list[AdapterRecord]:
-        """Every registered adapter, by name."""
+    def keys(self) -> KeyTable:
+        """The tenant keys of this registry (see :mod:`deft_server.keys`)."""
+
+    @property
+    @abstractmethod
+    def audit(self) -> AuditLog:
+        """Where key and adapter changes and failed authentications are recorded."""
 
     @abstractmethod
-    def records_page(self, after: str, limit: int) -> list[AdapterRecord]:
-        """At most ``limit`` adapters whose names sort after ``after`` ("" for the first), by name."""
+    def records(self, owner: str | None = None) -> list[AdapterRecord]:
+        """Every registered adapter (of ``owner``, when given), by owner and name."""
 
     @abstractmethod
-    def find(self, name: str) -> AdapterRecord | None:
-        """The adapter registered as ``name`` now, or None."""
+    def records_page(
+        self, after: str, limit: int, owners: Sequence[str] | None = None
+    ) -> list[AdapterRecord]:
+        """At most ``limit`` adapters (of ``owners``, when given) after the cursor ``after`` (a pool name
+        ``owner/name``, a bare name for a public one, or "" for the first), by owner and name."""
 
     @abstractmethod
-    def count(self) -> int: ...
+    def find(self, name: str, owner: str = PUBLIC) -> AdapterRecord | None:
+        """``owner``'s adapter registered as ``name`` now, or None."""
 
     @abstractmethod
-    def commit(self, record: AdapterRecord, received: Path) -> None:
+    def find_visible(self, name: str, owners: Sequence[str]) -> list[AdapterRecord]:
+        """The adapters named ``name`` whose owner is one of ``owners`` (one query, whoever else holds
+        that name: a tenant's look-up never reads another tenant's rows)."""
+
+    @abstractmethod
+    def count(self, owner: str | None = None) -> int: ...
+
+    @abstractmethod
+    def usage(self, owner: str) -> tuple[int, int]:
+        """How many adapters ``owner`` has and their upload bytes."""
+
+    @abstractmethod
+    def commit(self, record: AdapterRecord, received: Path, limits: Limits | None = None) -> None:
         """Store the bytes at ``received`` (sha256 ``record.sha256``) and make ``record`` visible,
-        atomically; raises :class:`AdapterExists` (storing nothing) when the name is taken."""
+        atomically; raises :class:`AdapterExists` (storing nothing) when the owner has the name, and
+        :class:`QuotaExceeded` when ``limits`` refuse one more adapter of that size (checked in the same
+        transaction, so concurrent registrations cannot overshoot)."""
 
     @abstractmethod
-    def remove(self, name: str) -> AdapterRecord:
-        """Unregister ``name`` and drop its bytes unless another name shares them."""
+    def remove(self, name: str, owner: str = PUBLIC) -> AdapterRecord:
+        """Unregister ``owner``'s ``name`` and drop its bytes unless another adapter shares them."""
 
     @abstractmethod
     def references(self, sha256: str) -> bool:
@@ -201,8 +293,8 @@ class AdapterStore(ABC):
         """Raise :class:`RegistryUnavailable` when the index cannot be used now (health probes this)."""
         self.count()
 
-    def get(self, name: str) -> AdapterRecord:
-        record = self.find(name)
+    def get(self, name: str, owner: str = PUBLIC) -> AdapterRecord:
+        record = self.find(name, owner)
         if record is None:
             raise not_found(name)
         return record
@@ -217,6 +309,25 @@ class AdapterStore(ABC):
         self.cache.collect_garbage(lambda: {r.sha256 for r in self.records()})
 
 
+USAGE_SQL = "SELECT count(*), coalesce(sum(size_bytes), 0) FROM {table} WHERE owner = %s"
+
+
+def _usage(row: tuple[Any, ...] | None) -> tuple[int, int]:
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+
+def cursor_of(after: str) -> tuple[str, str]:
+    """The ``(owner, name)`` a page continues after ("" → before everything)."""
+    return split_pool_name(after) if after else ("", "")
+
+
+def owners_clause(owners: Sequence[str] | None, mark: str = "?") -> tuple[str, tuple[str, ...]]:
+    """A WHERE condition restricting rows to ``owners`` (None: every owner), and its parameters."""
+    if owners is None:
+        return "1 = 1", ()
+    return f"owner IN ({', '.join([mark] * len(owners))})", tuple(owners)
+
+
 class SQLiteStore(AdapterStore):
     """The default backend: a SQLite index and the blobs in ``--data-dir``, on one machine."""
 
@@ -229,6 +340,8 @@ class SQLiteStore(AdapterStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._identity = _file_identity(self._path)
         self._migrate()
+        self._keys = KeyTable(self._rows, "keys")
+        self._audit = JsonLinesAudit(self.root / AUDIT_FILE)
         self.collect_garbage()
 
     @property
@@ -248,26 +361,50 @@ class SQLiteStore(AdapterStore):
                     self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]}")
                     self._db.execute(f"PRAGMA user_version = {target}")
 
-    def records(self) -> list[AdapterRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {COLUMNS} FROM adapters ORDER BY name").fetchall()
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement in its own transaction (the key table and audit use this too)."""
+        with self._lock, self._db:
+            return self._db.execute(sql, params).fetchall()
+
+    @property
+    def keys(self) -> KeyTable:
+        return self._keys
+
+    @property
+    def audit(self) -> AuditLog:
+        return self._audit
+
+    def records(self, owner: str | None = None) -> list[AdapterRecord]:
+        where, params = owners_clause(None if owner is None else (owner,))
+        rows = self._rows(f"SELECT {COLUMNS} FROM adapters WHERE {where} ORDER BY owner, name", params)
         return [AdapterRecord.from_row(r) for r in rows]
 
-    def records_page(self, after: str, limit: int) -> list[AdapterRecord]:
-        sql = f"SELECT {COLUMNS} FROM adapters WHERE name > ? ORDER BY name LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (after, limit)).fetchall()
+    def records_page(
+        self, after: str, limit: int, owners: Sequence[str] | None = None
+    ) -> list[AdapterRecord]:
+        where, params = owners_clause(owners)
+        sql = f"SELECT {COLUMNS} FROM adapters WHERE (owner, name) > (?, ?) AND {where} ORDER BY owner, name LIMIT ?"
+        rows = self._rows(sql, (*cursor_of(after), *params, limit))
         return [AdapterRecord.from_row(r) for r in rows]
 
-    def find(self, name: str) -> AdapterRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
-        return None if row is None else AdapterRecord.from_row(row)
+    def find(self, name: str, owner: str = PUBLIC) -> AdapterRecord | None:
+        rows = self._rows(f"SELECT {COLUMNS} FROM adapters WHERE owner = ? AND name = ?", (owner, name))
+        return AdapterRecord.from_row(rows[0]) if rows else None
 
-    def count(self) -> int:
+    def find_visible(self, name: str, owners: Sequence[str]) -> list[AdapterRecord]:
+        where, params = owners_clause(owners)
+        rows = self._rows(f"SELECT {COLUMNS} FROM adapters WHERE name = ? AND {where}", (name, *params))
+        return [AdapterRecord.from_row(r) for r in rows]
+
+    def count(self, owner: str | None = None) -> int:
+        where, params = owners_clause(None if owner is None else (owner,))
+        return int(self._rows(f"SELECT count(*) FROM adapters WHERE {where}", params)[0][0])
+
+    def usage(self, owner: str) -> tuple[int, int]:
         with self._lock:
-            (n,) = self._db.execute("SELECT count(*) FROM adapters").fetchone()
-        return int(n)
+            return _usage(
+                self._db.execute(USAGE_SQL.format(table="adapters").replace("%s", "?"), (owner,)).fetchone()
+            )
 
     def check(self) -> None:
         """The database file must still be the one opened (not removed or replaced) and readable."""
@@ -288,11 +425,19 @@ class SQLiteStore(AdapterStore):
         except sqlite3.DatabaseError as e:
             raise RegistryUnavailable(f"the registry database {self._path} is unreadable: {e}") from e
 
-    def commit(self, record: AdapterRecord, received: Path) -> None:
+    def commit(self, record: AdapterRecord, received: Path, limits: Limits | None = None) -> None:
         placeholders = ", ".join("?" * len(record.row()))
         try:
             self.cache.place_blob(received, record.sha256)
             with self._lock, self._db:
+                self._db.execute("BEGIN IMMEDIATE")  # the quota check and the insert, serialized
+                if limits is not None:
+                    used = _usage(
+                        self._db.execute(
+                            USAGE_SQL.format(table="adapters").replace("%s", "?"), (record.owner,)
+                        ).fetchone()
+                    )
+                    limits.check_storage(*used, record.size_bytes)
                 self._db.execute(f"INSERT INTO adapters ({COLUMNS}) VALUES ({placeholders})", record.row())
         except sqlite3.IntegrityError as e:
             self.drop_unreferenced(record.sha256)
@@ -302,21 +447,21 @@ class SQLiteStore(AdapterStore):
                 self.drop_unreferenced(record.sha256)
             raise
 
-    def remove(self, name: str) -> AdapterRecord:
-        record = self.get(name)
+    def remove(self, name: str, owner: str = PUBLIC) -> AdapterRecord:
+        record = self.get(name, owner)
         try:
-            self._delete_row(name)
+            self._delete_row(name, owner)
         except sqlite3.OperationalError as e:
             if not (_is_disk_full(e) and self.cache.release_reserve()):
                 raise
-            self._delete_row(name)  # with the reserved bytes free
+            self._delete_row(name, owner)  # with the reserved bytes free
         self.drop_unreferenced(record.sha256)
         self.cache.ensure_reserve()
         return record
 
-    def _delete_row(self, name: str) -> None:
+    def _delete_row(self, name: str, owner: str) -> None:
         with self._lock, self._db:
-            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM adapters WHERE owner = ? AND name = ?", (owner, name))
 
     def references(self, sha256: str) -> bool:
         with self._lock:
@@ -371,7 +516,8 @@ def read_registered_adapter(
     limits: ReadLimits | None = None,
     unet_config: Mapping[str, Any] | None = None,
 ) -> Adapter:
-    """Read the adapter registered as ``name`` (for tools such as ``deft export-onnx``).
+    """Read the adapter registered as ``name`` (for tools such as ``deft export-onnx``): a public
+    adapter's name, or ``TENANT/NAME`` for a tenant's.
 
     Opens the store read-mostly: it never clears another process's uploads in progress.
     """
@@ -382,7 +528,8 @@ def read_registered_adapter(
     limits = limits or ReadLimits()
     store = open_store(data_dir, registry)
     try:
-        record = store.get(name)
+        owner, bare = split_pool_name(name)
+        record = store.get(bare, owner)
         path = store.blob_path(record.sha256)
         with tempfile.TemporaryDirectory(dir=store.cache.tmp) as work:
             if record.upload_format == "peft_tar":

@@ -8,7 +8,9 @@ compiled factors for the base that replica serves.
 Tables (prefixed ``deft_`` so the registry can share a database with other applications)::
 
     deft_schema        (version)                        one row; migrations run under an advisory lock
-    deft_adapters      (name PRIMARY KEY, sha256 → deft_blobs, …the SQLite columns…)
+    deft_adapters      ((owner, name) PRIMARY KEY, sha256 → deft_blobs, …the SQLite columns…)
+    deft_keys          (key_id PRIMARY KEY, tenant, salt, digest, flags and limits)   salted hashes only
+    deft_audit         (id, at, tenant, key_id, action, target, result)
     deft_blobs         (sha256 PRIMARY KEY, size_bytes)
     deft_blob_chunks   (sha256 → deft_blobs ON DELETE CASCADE, seq, data BYTEA)   8 MiB chunks
 
@@ -26,24 +28,32 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from deft_server.errors import RegistryUnavailable
+from deft_server.keys import KeyTable
 from deft_server.store import (
     COLUMNS,
+    USAGE_SQL,
     AdapterRecord,
     AdapterStore,
     StoreError,
+    _usage,
+    cursor_of,
     exists_error,
     not_found,
+    owners_clause,
     redact_url,
 )
+from deft_server.tenants import PUBLIC, Limits
+from deft_server.tenants_audit import AuditLog, TableAudit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHUNK_BYTES = 8 << 20
 _MIGRATION_LOCK = 0x0DEF7  # pg_advisory_xact_lock key: one replica migrates, the others wait
+_QUOTA_LOCK = 0x0DEF8  # with hashtext(owner): one registration per tenant checks its quota at a time
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE deft_blobs (
@@ -71,6 +81,36 @@ MIGRATIONS: dict[int, str] = {
         created_at     DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX deft_adapters_sha256 ON deft_adapters (sha256);
+    """,
+    # tenants: adapters get an owner (v1 adapters become public), names unique per owner; keys; audit
+    2: """
+    ALTER TABLE deft_adapters ADD COLUMN owner TEXT NOT NULL DEFAULT '_public';
+    ALTER TABLE deft_adapters ALTER COLUMN owner DROP DEFAULT;
+    ALTER TABLE deft_adapters DROP CONSTRAINT deft_adapters_pkey;
+    ALTER TABLE deft_adapters ADD PRIMARY KEY (owner, name);
+    CREATE TABLE deft_keys (
+        key_id            TEXT PRIMARY KEY,
+        tenant            TEXT NOT NULL,
+        salt              TEXT NOT NULL,
+        digest            TEXT NOT NULL,
+        admin             INTEGER NOT NULL,
+        max_adapters      BIGINT,
+        max_adapter_bytes BIGINT,
+        max_concurrent    BIGINT,
+        rate              DOUBLE PRECISION,
+        weight            DOUBLE PRECISION NOT NULL,
+        created_at        DOUBLE PRECISION NOT NULL,
+        revoked_at        DOUBLE PRECISION
+    );
+    CREATE TABLE deft_audit (
+        id       BIGSERIAL PRIMARY KEY,
+        at       DOUBLE PRECISION NOT NULL,
+        tenant   TEXT NOT NULL,
+        key_id   TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        target   TEXT NOT NULL,
+        result   TEXT NOT NULL
+    );
     """,
 }
 
@@ -105,6 +145,8 @@ class PostgresStore(AdapterStore):
         self._lock = threading.Lock()
         super().__init__(cache_dir)
         self._migrate()
+        self._keys = KeyTable(self._run_marked, "deft_keys")
+        self._audit = TableAudit(self._run_marked, "deft_audit")
         self.collect_garbage()
 
     @property
@@ -184,28 +226,57 @@ class PostgresStore(AdapterStore):
 
     # ------------------------------------------------------------------ index
 
-    def records(self) -> list[AdapterRecord]:
-        rows = self._run(f"SELECT {COLUMNS} FROM deft_adapters ORDER BY name")
+    def _run_marked(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """:meth:`_run` of a statement written with ``?`` placeholders (the shared key and audit code)."""
+        return self._run(sql.replace("?", "%s"), params)
+
+    @property
+    def keys(self) -> KeyTable:
+        return self._keys
+
+    @property
+    def audit(self) -> AuditLog:
+        return self._audit
+
+    def records(self, owner: str | None = None) -> list[AdapterRecord]:
+        where, params = owners_clause(None if owner is None else (owner,), "%s")
+        rows = self._run(f"SELECT {COLUMNS} FROM deft_adapters WHERE {where} ORDER BY owner, name", params)
         return [AdapterRecord.from_row(r) for r in rows]
 
-    def records_page(self, after: str, limit: int) -> list[AdapterRecord]:
-        sql = f"SELECT {COLUMNS} FROM deft_adapters WHERE name > %s ORDER BY name LIMIT %s"
-        return [AdapterRecord.from_row(r) for r in self._run(sql, (after, limit))]
+    def records_page(
+        self, after: str, limit: int, owners: Sequence[str] | None = None
+    ) -> list[AdapterRecord]:
+        where, params = owners_clause(owners, "%s")
+        sql = (
+            f"SELECT {COLUMNS} FROM deft_adapters WHERE (owner, name) > (%s, %s) AND {where} "
+            "ORDER BY owner, name LIMIT %s"
+        )
+        return [AdapterRecord.from_row(r) for r in self._run(sql, (*cursor_of(after), *params, limit))]
 
-    def find(self, name: str) -> AdapterRecord | None:
-        rows = self._run(f"SELECT {COLUMNS} FROM deft_adapters WHERE name = %s", (name,))
+    def find(self, name: str, owner: str = PUBLIC) -> AdapterRecord | None:
+        sql = f"SELECT {COLUMNS} FROM deft_adapters WHERE owner = %s AND name = %s"
+        rows = self._run(sql, (owner, name))
         return AdapterRecord.from_row(rows[0]) if rows else None
 
-    def count(self) -> int:
-        return int(self._run("SELECT count(*) FROM deft_adapters")[0][0])
+    def find_visible(self, name: str, owners: Sequence[str]) -> list[AdapterRecord]:
+        where, params = owners_clause(owners, "%s")
+        rows = self._run(f"SELECT {COLUMNS} FROM deft_adapters WHERE name = %s AND {where}", (name, *params))
+        return [AdapterRecord.from_row(r) for r in rows]
+
+    def count(self, owner: str | None = None) -> int:
+        where, params = owners_clause(None if owner is None else (owner,), "%s")
+        return int(self._run(f"SELECT count(*) FROM deft_adapters WHERE {where}", params)[0][0])
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        return _usage(self._run(USAGE_SQL.format(table="deft_adapters"), (owner,))[0])
 
     def references(self, sha256: str) -> bool:
         return bool(self._run("SELECT 1 FROM deft_adapters WHERE sha256 = %s LIMIT 1", (sha256,)))
 
-    def commit(self, record: AdapterRecord, received: Path) -> None:
+    def commit(self, record: AdapterRecord, received: Path, limits: Limits | None = None) -> None:
         for attempt in (0, 1):
             try:
-                self._commit_once(record, received)
+                self._commit_once(record, received, limits)
                 break
             except self._pg.errors.UniqueViolation as e:
                 raise exists_error(record.name) from e
@@ -214,9 +285,13 @@ class PostgresStore(AdapterStore):
                     raise
         self.cache.place_blob(received, record.sha256)  # warm this replica's cache
 
-    def _commit_once(self, record: AdapterRecord, received: Path) -> None:
+    def _commit_once(self, record: AdapterRecord, received: Path, limits: Limits | None) -> None:
         placeholders = ", ".join(["%s"] * len(record.row()))
         with self._bulk_transaction() as conn:
+            if limits is not None:  # serialized per tenant until this transaction ends
+                conn.execute("SELECT pg_advisory_xact_lock(%s::int, hashtext(%s))", (_QUOTA_LOCK, record.owner))
+                used = conn.execute(USAGE_SQL.format(table="deft_adapters"), (record.owner,)).fetchone()
+                limits.check_storage(*_usage(used), record.size_bytes)
             inserted = conn.execute(
                 "INSERT INTO deft_blobs (sha256, size_bytes) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                 (record.sha256, received.stat().st_size),
@@ -230,10 +305,10 @@ class PostgresStore(AdapterStore):
                         )
             conn.execute(f"INSERT INTO deft_adapters ({COLUMNS}) VALUES ({placeholders})", record.row())
 
-    def remove(self, name: str) -> AdapterRecord:
+    def remove(self, name: str, owner: str = PUBLIC) -> AdapterRecord:
         with self._transaction() as conn:
             row = conn.execute(
-                f"DELETE FROM deft_adapters WHERE name = %s RETURNING {COLUMNS}", (name,)
+                f"DELETE FROM deft_adapters WHERE owner = %s AND name = %s RETURNING {COLUMNS}", (owner, name)
             ).fetchone()
             if row is None:
                 raise not_found(name)

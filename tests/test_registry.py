@@ -15,7 +15,7 @@ import pytest
 import torch
 from deft_server.errors import AdapterExists, RegistryUnavailable, UploadTooLarge
 from deft_server.registry import AdapterRegistry, AdapterState, UploadFormat
-from deft_server.store import AdapterRecord, SQLiteStore, StoreError
+from deft_server.store import SCHEMA_VERSION, AdapterRecord, SQLiteStore, StoreError
 from deft_server.uploads import UploadFile, extract_archive, is_tar, validate_name
 from peft import DeftConfig, get_peft_model
 
@@ -140,7 +140,7 @@ def test_store_schema_version_and_refusal_of_newer_files(tmp_path):
         store.commit(_record("a"), _write(store.cache.tmp / "y", b"y"))
     store.close()
     db = sqlite3.connect(tmp_path / "registry.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()

@@ -152,7 +152,9 @@ def test_corrupted_bytes_are_refused_not_served(postgres_url, tmp_path):
 def test_schema_from_a_newer_deft_is_refused(postgres_url, tmp_path):
     PostgresStore(postgres_url, tmp_path / "a").close()
     with psycopg.connect(postgres_url) as conn:
-        assert conn.execute("SELECT version FROM deft_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM deft_schema").fetchall() == [
+            (store_postgres.SCHEMA_VERSION,)
+        ]
         conn.execute("UPDATE deft_schema SET version = 99")
     with pytest.raises(StoreError, match="schema version 99, written by a newer deft"):
         PostgresStore(postgres_url, tmp_path / "b")
