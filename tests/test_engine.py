@@ -307,6 +307,90 @@ def test_unknown_adapter_and_bad_parameters_are_refused_at_submit(sdxl_engine):
         sdxl_engine.submit(GenerationRequest(prompt="x", adapters=(("dog", float("nan")),)))
 
 
+def test_an_explicit_guidance_of_zero_counts_one_row_per_image(sdxl_engine):
+    """guidance_scale=0.0 means no CFG (1 row per image), not "unset" (the default 5.0 would mean 2):
+    16 images fit the 16-row limit, and the same request with the default guidance does not."""
+    with pytest.raises(InvalidRequest, match="16 images need 32 rows per step"):
+        sdxl_engine.submit(GenerationRequest(prompt="x", num_images=16))
+    result = sdxl_engine.generate(
+        GenerationRequest(prompt="x", num_images=16, guidance_scale=0.0, num_inference_steps=1, seed=3),
+        timeout=120,
+    )
+    assert len(result.images) == 16
+
+
+def test_too_many_adapters_are_refused_at_submit_by_the_batch_rule(sdxl_engine):
+    adapters = tuple((name, 0.1) for name in ["dog", "style", "a", "b", "c"])
+    with pytest.raises(InvalidRequest, match="the request blends 5 adapters; at most 4 per sample"):
+        sdxl_engine.submit(GenerationRequest(prompt="x", adapters=adapters))
+
+
+def test_two_requests_with_the_same_label_both_complete_and_release_their_pins(sdxl_engine):
+    """The client's request_id is a label, never the engine's key (a reused id used to make the first
+    request hang until its deadline and leave its adapter pinned)."""
+    kw = dict(prompt="x", adapters=(("style", 1.0),), num_inference_steps=3, request_id="same")
+    events: dict[int, list] = {1: [], 2: []}
+    first = sdxl_engine.submit(GenerationRequest(**kw, seed=1), on_event=events[1].append)
+    second = sdxl_engine.submit(GenerationRequest(**kw, seed=2), on_event=events[2].append)
+    results = [first.result(60), second.result(60)]
+    assert [r.request_id for r in results] == ["same", "same"] and [r.seed for r in results] == [1, 2]
+    assert first.server_id != second.server_id
+    for got in events.values():
+        assert [e.kind for e in got if e.kind is EventKind.PROGRESS] == [EventKind.PROGRESS] * 3
+        assert {e.request_id for e in got} == {"same"}
+    assert sdxl_engine.model.pool.pins("style") == 0
+
+
+def test_server_ids_are_unique_and_unguessable_and_labels_are_bounded(sdxl_engine):
+    handles = [
+        sdxl_engine.submit(GenerationRequest(prompt="x", num_inference_steps=1, seed=i)) for i in range(3)
+    ]
+    ids = [h.server_id for h in handles]
+    assert len(set(ids)) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert [h.request_id for h in handles] == ids  # without a label, events carry the server id
+    for h in handles:
+        assert h.result(60).request_id == h.server_id
+    label = "L" * 128
+    labelled = sdxl_engine.submit(GenerationRequest(prompt="x", num_inference_steps=1, request_id=label))
+    assert labelled.result(60).request_id == label and labelled.server_id != label
+    with pytest.raises(InvalidRequest, match="request_id must be a string of at most 128 characters") as err:
+        sdxl_engine.submit(GenerationRequest(prompt="x", request_id="L" * 129))
+    assert "LLLL" not in str(err.value)  # the label is not echoed back
+
+
+def test_an_internal_error_fails_in_flight_requests_with_a_short_message_and_keeps_serving(
+    sdxl_engine, caplog
+):
+    runner = sdxl_engine.runner
+    original = runner._forward
+    calls = []
+
+    def broken(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("secret internals: tensor at 0xdeadbeef")
+        return original(batch)
+
+    runner._forward = broken
+    try:
+        with caplog.at_level("ERROR", logger="deft_runtime.engine.engine"):
+            h = sdxl_engine.submit(
+                GenerationRequest(prompt="x", adapters=(("dog", 1.0),), num_inference_steps=4, seed=1)
+            )
+            with pytest.raises(GenerationFailed) as err:
+                h.result(60)
+    finally:
+        runner._forward = original
+    assert str(err.value) == "internal engine error; the server log has the details"
+    assert isinstance(err.value.__cause__, RuntimeError)
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and "0xdeadbeef" in str(logged[0].exc_info[1]) and "1 in-flight" in logged[0].getMessage()
+    assert sdxl_engine.model.pool.pins("dog") == 0
+    assert sdxl_engine.generate(
+        GenerationRequest(prompt="x", num_inference_steps=2, seed=2), timeout=60
+    ).images
+
+
 def test_full_queue_is_refused(sdxl_adapters):
     engine = serving_engine(build_tiny_sdxl(0), sdxl_adapters, max_active=1, max_queue=2)
     try:
@@ -381,7 +465,7 @@ def test_drain_finishes_admitted_requests_and_refuses_new_ones(sdxl_adapters):
         h = engine.submit(GenerationRequest(prompt="x", num_inference_steps=6, seed=1))
         drained = threading.Thread(target=engine.drain, args=(60,))
         drained.start()
-        while not engine._draining:
+        while not engine.draining:
             pass
         with pytest.raises(EngineDraining):
             engine.submit(GenerationRequest(prompt="late"))

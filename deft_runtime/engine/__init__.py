@@ -1,6 +1,8 @@
 """Generation engine: step-level continuous batching with per-request adapters (see engine.py)."""
 
-from deft_runtime.engine.engine import Engine, EngineConfig, EngineObserver, RequestHandle
+from deft_runtime.engine.engine import Engine, EngineConfig
+from deft_runtime.engine.observer import EngineObserver
+from deft_runtime.engine.request_state import RequestHandle
 from deft_runtime.engine.types import (
     AdapterOutputNotFinite,
     DeadlineExceeded,

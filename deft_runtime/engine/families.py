@@ -93,8 +93,13 @@ class ModelFamily(ABC):
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Whether the request runs an unconditional row per image."""
 
+    def rows_for(self, num_images: int, guidance_scale: float) -> int:
+        """Rows a request adds to each forward: one per image, two with CFG (the one home of this rule;
+        ``guidance_scale`` is the resolved value, never None)."""
+        return num_images * (2 if self.uses_cfg(guidance_scale) else 1)
+
     def rows(self, state: StepState) -> int:
-        return state.num_images * (2 if self.uses_cfg(state.guidance_scale) else 1)
+        return self.rows_for(state.num_images, state.guidance_scale)
 
     def bucket(self, state: StepState) -> tuple[int, ...]:
         """Requests with equal buckets may share a forward (by default: same latent shape)."""

@@ -9,6 +9,9 @@ from typing import Any
 
 from deft_runtime.errors import DeftError, InvalidRequest
 
+#: Longest client label (``GenerationRequest.request_id``) accepted; it is echoed in every event.
+MAX_LABEL_CHARS = 128
+
 
 class QueueFull(DeftError):
     """The engine's admission queue is full (maps to RESOURCE_EXHAUSTED)."""
@@ -41,7 +44,9 @@ class GenerationRequest:
     """One user request. ``None`` fields take the base model's defaults (see ``ModelFamily.defaults``).
 
     ``adapters`` are ``(name, weight)`` pairs blended into every image of the request (CFG rows
-    included). ``deadline_s`` counts from submission.
+    included). ``deadline_s`` counts from submission. ``request_id`` is the client's label, echoed in
+    events and the result (at most :data:`MAX_LABEL_CHARS` characters); it is never the engine's key,
+    so two requests may share it (see :class:`~deft_runtime.engine.RequestHandle`).
     """
 
     prompt: str
@@ -61,6 +66,11 @@ class GenerationRequest:
         """Structural checks that need no model (the engine checks sizes against the model)."""
         if not isinstance(self.prompt, str):
             raise InvalidRequest("prompt must be a string")
+        if not isinstance(self.request_id, str) or len(self.request_id) > MAX_LABEL_CHARS:
+            raise InvalidRequest(
+                f"request_id must be a string of at most {MAX_LABEL_CHARS} characters; it is only a "
+                "label for your logs (the server gives every request its own id)"
+            )
         if self.num_images < 1:
             raise InvalidRequest(f"num_images must be ≥ 1, got {self.num_images}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:

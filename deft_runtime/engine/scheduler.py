@@ -1,0 +1,286 @@
+"""The request scheduler: queue, cancellation, deadlines, admission, fairness and completion.
+
+Requests move ``queued → pending (prompts encoded, adapter lease loading) → active → finished``:
+
+- :meth:`RequestScheduler.submit` (any thread) queues a request under its server id, FCFS, bounded;
+- :meth:`schedule` (engine thread) drops cancelled queued requests, admits waiting ones (bounded
+  concurrency; ``static`` admission waits for the whole batch to finish), promotes pending requests whose
+  adapter leases are ready, fails cancelled and expired ones, and lets the pure planner
+  (:mod:`.planner`) pick the next forward;
+- :meth:`update` turns the runner's :class:`StepOutput` into events, starts leases for newly prepared
+  requests, and completes finished and failed requests (releasing their leases).
+
+Locking: ``_lock`` guards only the queue counters and the draining flag (submission against the engine
+thread); it is a leaf, never held while calling out. Everything else is engine-thread only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from deft_runtime.engine.families import ModelFamily
+from deft_runtime.engine.leases import AdapterLease, LeaseState, PinPool
+from deft_runtime.engine.observer import EngineObserver
+from deft_runtime.engine.planner import Candidate, admit_count, plan_batch
+from deft_runtime.engine.request_state import (
+    EventCallback,
+    RequestHandle,
+    StepOutput,
+    StepPlan,
+    TrackedRequest,
+    new_server_id,
+)
+from deft_runtime.engine.types import (
+    AdapterOutputNotFinite,
+    DeadlineExceeded,
+    EngineDraining,
+    EventKind,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    RequestCancelled,
+)
+
+
+class RequestScheduler:
+    """Owns every request's lifecycle; the step runner owns the tensor work."""
+
+    def __init__(
+        self,
+        family: ModelFamily,
+        pool: PinPool,
+        loader: cf.Executor,
+        observer: EngineObserver,
+        *,
+        max_rows: int,
+        max_active: int,
+        max_queue: int,
+        static: bool,
+        retry_wait_s: float,
+    ) -> None:
+        self.family = family
+        self.pool = pool
+        self.loader = loader
+        self.observer = observer
+        self.max_rows, self.max_active, self.max_queue = max_rows, max_active, max_queue
+        self.static = static
+        self.retry_wait_s = retry_wait_s
+        self.wake = threading.Event()
+        self._waiting: queue.Queue[TrackedRequest] = queue.Queue()  # FIFO; cancelled ones purged in place
+        self._n_waiting = 0
+        self._pending: list[TrackedRequest] = []  # admitted: being prepared, or adapters loading
+        self._active: dict[str, TrackedRequest] = {}  # by server id
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._iteration = 0
+        self.draining = False
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, request: GenerationRequest, on_event: EventCallback | None) -> RequestHandle:
+        """Queue a resolved request under a fresh server id; raises EngineDraining or QueueFull."""
+        with self._lock:
+            if self.draining:
+                raise EngineDraining("the server is shutting down and accepts no new requests")
+            if self._n_waiting >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+            self._n_waiting += 1
+            position = self._n_waiting
+        handle = RequestHandle(new_server_id(), request.request_id)
+        now = time.monotonic()
+        deadline = now + request.deadline_s if request.deadline_s else None
+        r = TrackedRequest(handle, request, on_event, now, deadline)
+        r.emit(GenerationEvent(EventKind.QUEUED, r.public_id, queue_position=position))
+        self._waiting.put(r)
+        self.wake.set()
+        return handle
+
+    def refuse_new(self) -> None:
+        with self._lock:
+            self.draining = True
+
+    @property
+    def waiting(self) -> int:
+        return self._n_waiting + len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    # ------------------------------------------------------------------ engine thread: schedule
+
+    def schedule(self) -> StepPlan:
+        """The next iteration's work: requests to prepare, and the requests of one forward."""
+        self._drop_cancelled_waiting()
+        admitted = self._admit()
+        self._promote_ready()
+        self._expire()
+        keys = plan_batch(self._candidates(), self.max_rows)
+        self.observer.on_queue(self.waiting, self.running)
+        self._iteration += 1
+        return StepPlan(self._iteration, admitted, [self._active[k] for k in keys])
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Cancelled requests leave the queue at the next step, not when admission reaches them: while
+        every active slot is busy they would otherwise hold queue places (and count as waiting)."""
+        with self._waiting.mutex:
+            queued = self._waiting.queue
+            dropped = [r for r in queued if r.handle.cancelled]
+            if not dropped:
+                return
+            kept = [r for r in queued if not r.handle.cancelled]
+            queued.clear()
+            queued.extend(kept)
+        with self._lock:
+            self._n_waiting -= len(dropped)
+        for r in dropped:
+            self._finish_error(r, RequestCancelled("cancelled while queued"), "cancelled")
+
+    def _admit(self) -> list[TrackedRequest]:
+        in_flight = len(self._active) + len(self._pending)
+        if self.static and in_flight:
+            return []  # whole-request batching: wait until the current batch has finished
+        rows, admitted = 0, []
+        for _ in range(admit_count(self._n_waiting, in_flight, self.max_active)):
+            try:
+                r = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self._n_waiting -= 1
+            if r.handle.cancelled:
+                self._finish_error(r, RequestCancelled("cancelled while queued"), "cancelled")
+                continue
+            r.seq = next(self._seq)
+            admitted.append(r)
+            self._pending.append(r)  # in flight from now on: an engine error fails it too
+            req = r.request
+            assert req.guidance_scale is not None
+            rows += self.family.rows_for(req.num_images, req.guidance_scale)
+            if self.static and rows >= self.max_rows:
+                break
+        return admitted
+
+    def _promote_ready(self) -> None:
+        still = []
+        for r in self._pending:
+            state = r.lease.poll(may_retry=bool(self._active)) if r.lease is not None else None
+            if state is LeaseState.READY:
+                r.started = time.monotonic()
+                self._active[r.key] = r
+                r.emit(GenerationEvent(EventKind.STARTED, r.public_id, total_steps=r.st.steps))
+            elif state is LeaseState.FAILED:
+                assert r.lease is not None and r.lease.error is not None
+                self._finish_error(r, r.lease.error, "error", pending=False)
+            else:
+                still.append(r)
+        self._pending = still
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for r in [*self._active.values(), *self._pending]:
+            if r.handle.cancelled:
+                self._finish_error(r, RequestCancelled("cancelled by the client"), "cancelled")
+            elif r.deadline is not None and now > r.deadline:
+                self._finish_error(
+                    r, DeadlineExceeded(f"deadline of {r.request.deadline_s}s passed"), "deadline_exceeded"
+                )
+
+    def _candidates(self) -> list[Candidate]:
+        return [
+            Candidate(key, r.bucket, self.family.rows(r.st), r.seq, r.last_scheduled)
+            for key, r in self._active.items()
+        ]
+
+    # ------------------------------------------------------------------ engine thread: update
+
+    def update(self, out: StepOutput) -> None:
+        """Events and completions for what the runner did."""
+        for r in out.prepared:
+            if r in self._pending:  # not cancelled meanwhile
+                r.lease = AdapterLease(
+                    self.pool, self.loader, r.adapter_names, retry_wait_s=self.retry_wait_s
+                )
+                r.lease.acquire()
+        for r in out.not_finite:
+            self._finish_error(r, _not_finite(r), "error")
+        for r in out.stepped:
+            r.last_scheduled = out.iteration
+            s = r.st
+            r.emit(GenerationEvent(EventKind.PROGRESS, r.public_id, step=s.step_index, total_steps=s.steps))
+        for r, image in out.previews:
+            s = r.st
+            r.emit(
+                GenerationEvent(
+                    EventKind.PREVIEW, r.public_id, step=s.step_index, total_steps=s.steps, preview=image
+                )
+            )
+        for r, images in out.finished:
+            self._finish_ok(r, images)
+
+    # ------------------------------------------------------------------ completion
+
+    def _release(self, r: TrackedRequest, *, pending: bool = True) -> None:
+        self._active.pop(r.key, None)
+        if pending and r in self._pending:
+            self._pending.remove(r)
+        if r.lease is not None:
+            r.lease.release()
+
+    def _finish_ok(self, r: TrackedRequest, images: list[Any]) -> None:
+        self._release(r)
+        now, req = time.monotonic(), r.request
+        assert req.seed is not None and req.num_inference_steps is not None
+        steps = req.num_inference_steps
+        queued, total = r.started - r.submitted, now - r.submitted
+        result = GenerationResult(r.public_id, images, req.seed, queued, total, steps)
+        self.observer.on_request_done("ok", total, queued, len(images))
+        r.emit(GenerationEvent(EventKind.RESULT, r.public_id, step=steps, total_steps=steps, result=result))
+        if not r.handle.future.done():  # the caller may have cancelled the future meanwhile
+            r.handle.future.set_result(result)
+
+    def _finish_error(
+        self, r: TrackedRequest, error: BaseException, status: str, *, pending: bool = True
+    ) -> None:
+        self._release(r, pending=pending)
+        now = time.monotonic()
+        self.observer.on_request_done(status, now - r.submitted, (r.started or now) - r.submitted, 0)
+        r.emit(GenerationEvent(EventKind.FAILED, r.public_id, error=error))
+        if not r.handle.future.done():
+            r.handle.future.set_exception(error)
+
+    def fail_in_flight(self, make_error: Callable[[], BaseException]) -> int:
+        """Fail every admitted request (after an engine error); returns how many."""
+        victims = [*self._active.values(), *self._pending]
+        for r in victims:
+            self._finish_error(r, make_error(), "error")
+        return len(victims)
+
+    def fail_everything(self, make_error: Callable[[], BaseException]) -> None:
+        """Fail admitted and queued requests (the engine stopped)."""
+        self.fail_in_flight(make_error)
+        while True:
+            try:
+                r = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            self._finish_error(r, make_error(), "error")
+
+
+def _not_finite(r: TrackedRequest) -> GenerationFailed:
+    if r.adapter_names:
+        return AdapterOutputNotFinite(
+            f"the denoiser produced NaN/Inf for this request ({', '.join(r.adapter_names)}); "
+            "its adapter is broken"
+        )
+    return GenerationFailed(
+        "the denoiser produced NaN/Inf for this request (no adapter); try a smaller guidance_scale"
+    )
