@@ -116,6 +116,22 @@ def test_polynomial_regex_in_alpha_pattern_is_linear(tmp_path):
     assert error is None and cpu < 0.5, f"{cpu:.2f} s, {error!r}"
 
 
+@pytest.mark.parametrize(
+    ("keys", "names"),
+    [
+        ([f"k{i:04d}" for i in range(4096)], ["." * 10 + str(i) for i in range(1000)]),  # plain keys
+        ([f"(a|b)*{i}x" for i in range(4096)], ["ab" * 500 + str(i) for i in range(1000)]),  # NFA keys
+    ],
+    ids=["4096-plain-keys", "4096-regex-keys"],
+)
+def test_the_largest_pattern_table_is_refused_within_its_work_budget(keys, names):
+    """4096 keys x 1000 long names that match none: refused after about a second, not minutes."""
+    table = PatternTable.parse(dict.fromkeys(keys, 4), "rank_pattern")
+    cpu, error = _cpu_seconds(lambda: [table.lookup(n) for n in names])
+    assert isinstance(error, AdapterFormatError) and "took more than" in str(error)
+    assert cpu < 3.0, f"{cpu:.2f} s"
+
+
 NAMES = [
     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",

@@ -3,7 +3,7 @@
 PEFT gives a module the value of the first key for which ``re.match(rf"(.*\\.)?({key})$", module)``
 matches. Run with Python's backtracking ``re``, an uploaded key costs exponential time (``(a|aa)*c``)
 or polynomial time (``.*.*.*…x``) in the name's length, so deft runs ``re`` only on *plain* keys
-(letters, digits, ``_``, ``-``, ``.`` and ``\\.``: a fixed-length suffix, at most O(n·k) steps). Any
+(letters, digits, ``_``, ``-``, ``.`` and ``\\.``: a fixed-width suffix, one O(k) ``fullmatch``). Any
 other key is parsed by Python's own regex parser (the same syntax and errors as PEFT), compiled to a
 Thompson NFA and simulated one character at a time, memoising the state sets (a lazy DFA): the same
 answers as ``re`` with no backtracking at all. Constructs without an NFA (backreferences,
@@ -11,7 +11,9 @@ lookarounds, atomic groups, inline flags) are refused with the key named.
 
 Limits (:class:`AdapterFormatError` naming the field beyond them): :data:`MAX_PATTERN_KEYS` keys,
 :data:`MAX_PATTERN_CHARS` characters a key, :data:`MAX_PATTERN_STATES` NFA states a key, and
-:data:`MAX_MATCH_WORK` state visits over all the lookups of one table.
+:data:`MAX_MATCH_WORK` units of work over all the lookups of one table (a plain key's check is a
+few units; an NFA run costs 3 units a character plus one a state visited on a memo miss), so the
+worst table costs about a second, while a diffusers file's hundreds of keys cost a fraction of it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from deft_runtime.formats.fields import field_name, mapping
 MAX_PATTERN_KEYS = 4096
 MAX_PATTERN_CHARS = 256
 MAX_PATTERN_STATES = 2048
-MAX_MATCH_WORK = 2_000_000
+#: Work units (about 0.2 µs each) all the lookups of one table may cost: about a second at most.
+MAX_MATCH_WORK = 5_000_000
 _MEMO_ENTRIES = 100_000
 _PLAIN_KEY = re.compile(r"(?:[A-Za-z0-9_\-.]|\\\.)+")
 _BEGIN, _END, _END_STRING = 1, 2, 4  # position context bits for anchors
@@ -147,15 +150,15 @@ class _Nfa:
     start: int
     budget: list[int]  # shared with the table: remaining state visits
     _closures: dict[tuple[frozenset[int], int], frozenset[int]] = field(default_factory=dict)
-    _steps: dict[tuple[frozenset[int], str], frozenset[int]] = field(default_factory=dict)
+    _moves: dict[tuple[frozenset[int], str, int], frozenset[int]] = field(default_factory=dict)
 
     def _spend(self, work: int) -> None:
         self.budget[0] -= work
         if self.budget[0] < 0:
             raise _Refused("budget")
-        if len(self._closures) + len(self._steps) > _MEMO_ENTRIES:
+        if len(self._closures) + len(self._moves) > _MEMO_ENTRIES:
             self._closures.clear()
-            self._steps.clear()
+            self._moves.clear()
 
     def _closure(self, seeds: frozenset[int], context: int) -> frozenset[int]:
         if (hit := self._closures.get((seeds, context))) is not None:
@@ -176,17 +179,14 @@ class _Nfa:
         return result
 
     def _step(self, current: frozenset[int], c: str) -> frozenset[int]:
-        if (hit := self._steps.get((current, c))) is not None:
-            return hit
         self._spend(len(current))
         states = (self.states[i] for i in current)
-        result = frozenset(s[2] for s in states if s[0] == "char" and s[1](c))
-        self._steps[(current, c)] = result
-        return result
+        return frozenset(s[2] for s in states if s[0] == "char" and s[1](c))
 
     def match(self, name: str) -> bool:
         """``re.match(pattern, name) is not None``, in O(len(name)) memoised steps."""
         n = len(name)
+        self._spend(3 * (n + 1))  # one memo look-up a character, even when every one hits
 
         def context(i: int) -> int:
             at_end = i == n or (i == n - 1 and name[-1] == "\n")
@@ -196,19 +196,49 @@ class _Nfa:
         for i, c in enumerate(name):
             if 0 in current:  # state 0 is the match state: a prefix matched, as re.match accepts
                 return True
-            current = self._step(current, c)
-            if not current:
+            ctx = 0 if i + 2 < n else context(i + 1)  # anchors only hold at the ends
+            nxt = self._moves.get((current, c, ctx))
+            if nxt is None:
+                nxt = self._closure(self._step(current, c), ctx)
+                self._moves[(current, c, ctx)] = nxt
+            if not nxt:
                 return False
-            current = self._closure(current, context(i + 1))
+            current = nxt
         return 0 in current
+
+
+def _plain_matcher(key: str, budget: list[int]) -> Callable[[str], bool]:
+    """``re.match(rf"(.*\\.)?({key})$", name)`` for a fixed-width key, in one O(k) ``fullmatch``.
+
+    The name's suffix of the key's width must match the key, and what precedes it must be empty or
+    end with ``.`` (``(.*\\.)?``, whose ``.*`` crosses no newline); ``$`` also matches before a final
+    newline. No backtracking over the name's positions, whatever the key.
+    """
+    body = re.compile(key)
+    width = len(key) - key.count("\\.")
+    cost = 5 + width // 16  # a call, then a compare a character
+
+    def match(name: str) -> bool:
+        budget[0] -= cost
+        if budget[0] < 0:
+            raise _Refused("budget")
+        ends = (len(name), len(name) - 1) if name.endswith("\n") else (len(name),)
+        for end in ends:
+            start = end - width
+            if start < 0 or not body.fullmatch(name, start, end):
+                continue
+            if start == 0 or (name[start - 1] == "." and "\n" not in name[:start]):
+                return True
+        return False
+
+    return match
 
 
 def _compile_key(key: str, budget: list[int]) -> Callable[[str], bool]:
     """A matcher equivalent to ``re.match(rf"(.*\\.)?({key})$", name)``; raises re.error or _Refused."""
-    pattern = rf"(.*\.)?({key})$"
     if _PLAIN_KEY.fullmatch(key):
-        return re.compile(pattern).match  # type: ignore[return-value]
-    parsed = sre_parse.parse(pattern)
+        return _plain_matcher(key, budget)
+    parsed = sre_parse.parse(rf"(.*\.)?({key})$")
     if parsed.state.flags & ~sre.SRE_FLAG_UNICODE:
         raise _Refused("inline flag")
     builder = _Builder()
