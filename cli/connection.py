@@ -71,10 +71,8 @@ class Connection:
         import grpc
 
         if error.code == grpc.StatusCode.UNAUTHENTICATED:
-            return (
-                f"authentication failed at {self.address}: {error.message} "
-                "(pass --token TOKEN or set DEFT_TOKEN to the server's --token)"
-            )
+            hint = "" if "DEFT_TOKEN" in error.message else " (pass --token TOKEN or set DEFT_TOKEN)"
+            return f"authentication failed at {self.address} (UNAUTHENTICATED): {error.message}{hint}"
         if (
             error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             and not error.reason
