@@ -49,11 +49,15 @@ async function loadModels() {
   baseModel = data[0].id;
   $("model-name").textContent = baseModel;
   const list = $("adapter-list");
-  const chosen = new Set(selectedAdapters().map((a) => a.name));
+  const chosen = new Map(selectedAdapters().map((a) => [a.name, a.weight]));  // kept across reloads
   list.replaceChildren();
   for (const model of data.slice(1)) {
     const row = adapterRow(model.id.slice(baseModel.length + 1));
-    row.querySelector(".adapter-use").checked = chosen.has(row.dataset.name);
+    if (chosen.has(row.dataset.name)) {
+      row.querySelector(".adapter-use").checked = true;
+      row.querySelector(".adapter-weight").value = chosen.get(row.dataset.name);
+      row.querySelector("output").textContent = chosen.get(row.dataset.name).toFixed(2);
+    }
     list.append(row);
   }
   $("adapters-empty").hidden = data.length > 1;
