@@ -155,7 +155,7 @@ class _MeteredArchive:
         size = room if size is None or size < 0 else min(size, room)
         try:
             data = self._source.read(size)
-        except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated gzip stream
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a corrupt or truncated gzip stream
             raise AdapterFormatError(f"the upload is not a readable tar archive: {e}") from e
         self.consumed += len(data)
         if self.consumed > self.allowance:

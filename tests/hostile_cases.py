@@ -565,6 +565,19 @@ ARCHIVE_CASES: list[ArchiveCase] = [
         r"not a readable tar",
     ),
 ]
+ARCHIVE_CASES += [
+    ArchiveCase(
+        "gzip-garbage",
+        lambda: b"\x1f\x8b\x08\x00" + random.Random(1).randbytes(4000),
+        F,
+        r"not a readable tar",
+    ),
+    ArchiveCase("empty", lambda: b"", F, r"not a readable tar"),
+    ArchiveCase("truncated-member", lambda: tar_bytes([("a", b"x" * 5000)])[:2048], F, r"not a readable tar"),
+    ArchiveCase(
+        "plain-4gib-member", lambda: tar_header("big", 4096 * MiB), _upload_too_large(), r"limit of 1048576"
+    ),
+]
 ARCHIVE_LIMIT = MiB
 
 

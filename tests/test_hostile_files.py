@@ -24,11 +24,12 @@ from deft_runtime.compile import compile_adapter
 from deft_runtime.errors import (
     AdapterDtypeError,
     AdapterFormatError,
+    AdapterTooLarge,
     InvalidAdapter,
     NonFiniteAdapter,
     shorten,
 )
-from deft_runtime.formats import load_adapter
+from deft_runtime.formats import ReadLimits, load_adapter
 from deft_runtime.formats.patterns import PatternTable
 from deft_runtime.testing import random_adapter
 
@@ -240,6 +241,13 @@ def test_kohya_alphas_are_checked_at_read(tmp_path):
         .scale
         == 1.5
     )
+
+
+def test_an_oversized_adapter_config_is_refused_before_parsing(tmp_path):
+    path = _lora_dir(tmp_path, {"proj": 2}, {"padding": "x" * 5000})
+    with pytest.raises(AdapterTooLarge, match=r"adapter_config.json is \d+ bytes, above the limit of 4096"):
+        load_adapter(path, limits=ReadLimits(max_header_bytes=4096))
+    assert load_adapter(path).layers["proj"].rank == 2
 
 
 # ---------------------------------------------------------------- echoed input

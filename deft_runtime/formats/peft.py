@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 
 from deft_runtime.adapter import Adapter, AdapterKind, Decomposition, LayerParams, parse_decomposition
-from deft_runtime.errors import AdapterFormatError, UnknownTargetModule, UnsafeAdapterFormat, shorten
+from deft_runtime.errors import (
+    AdapterFormatError,
+    AdapterTooLarge,
+    UnknownTargetModule,
+    UnsafeAdapterFormat,
+    shorten,
+)
 from deft_runtime.formats.fields import flag, number, parse_json, rank, string
 from deft_runtime.formats.patterns import PatternTable
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
@@ -158,6 +164,11 @@ def load_peft_dir(path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIM
                 "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
             )
         raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+    if (size := config_path.stat().st_size) > limits.max_header_bytes:
+        raise AdapterTooLarge(
+            f"{CONFIG_NAME} is {size} bytes, above the limit of {limits.max_header_bytes} bytes for JSON in an "
+            "adapter (a LoraConfig is a few KiB)"
+        )
     config = parse_json(config_path.read_bytes(), CONFIG_NAME)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME} must hold a JSON object, found {shorten(config)}")
