@@ -56,6 +56,9 @@ class UploadLimits:
     max_metadata_bytes: int
     max_metadata_entries: int = 64
     max_metadata_key_chars: int = 128
+    #: past the first ``free_chunks``, data chunks must carry this many bytes on average
+    free_chunks: int = 64
+    min_average_chunk_bytes: int = 4096
 
 
 class ServerSettings(BaseSettings):

@@ -2,9 +2,11 @@
 
 :func:`bounded_chunks` sits between gRPC and :func:`deft_server.uploads.received_upload`: it checks
 the header (name, format, sha256, metadata) as soon as it arrives, counts every data chunk (empty ones
-too, so a flood of empty chunks is refused after ``max_chunks`` of them, each costing only its
-receipt), and holds the bytes received to the ``size_bytes`` the header announced: more is refused at
-the chunk that passes it, fewer when the stream ends. Every limit's message names its flag.
+too) against ``max_chunks`` and against the bytes they carry (past the first ``free_chunks``, chunks
+must average ``min_average_chunk_bytes``, so a flood of empty or one-byte chunks is refused after a few
+dozen, whatever ``max_chunks`` is), and holds the bytes received to the ``size_bytes`` the header
+announced: more is refused at the chunk that passes it, fewer when the stream ends. Messages name the
+limit (and its flag, where it has one).
 """
 
 from __future__ import annotations
@@ -59,11 +61,17 @@ def check_header(header: adapters_pb2.AdapterUpload, limits: UploadLimits) -> No
     check_metadata(header.metadata, limits)
 
 
-def _check_count(chunks: int, limits: UploadLimits) -> None:
+def _check_count(chunks: int, received: int, limits: UploadLimits) -> None:
     if chunks > limits.max_chunks:
         raise InvalidRequest(
             f"the upload came in more than {limits.max_chunks} data chunks (--max-upload-chunks; empty "
             "chunks count); send it in larger chunks (the deft client sends 256 KiB)"
+        )
+    if chunks > limits.free_chunks + received // limits.min_average_chunk_bytes:
+        raise InvalidRequest(
+            f"the upload sent {chunks} data chunks carrying {received} bytes: past the first "
+            f"{limits.free_chunks}, chunks must average at least {limits.min_average_chunk_bytes} bytes "
+            "(empty chunks count); send it in larger chunks (the deft client sends 256 KiB)"
         )
 
 
@@ -90,9 +98,8 @@ async def bounded_chunks(
             check_header(chunk.header, limits)
             announced = chunk.header.size_bytes
         elif kind == "data":
-            count += 1
-            _check_count(count, limits)
-            received += len(chunk.data)
+            count, received = count + 1, received + len(chunk.data)
+            _check_count(count, received, limits)
             _check_size(received, announced, ended=False)
             if not chunk.data and position > 1:  # a first chunk goes on, for the receiver to refuse
                 continue

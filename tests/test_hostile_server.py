@@ -7,7 +7,7 @@ or poisons the server fails there and then. One server is shared by the whole ca
 limits, so the floods stay cheap); the session prints how many cases were tried and how many got
 their exact expected status::
 
-    hostile protocol catalogue: 70 cases tried, 70 got their exact expected status (100.0%)
+    hostile protocol catalogue: 75 cases tried, 75 got their exact expected status (100.0%)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from deft_runtime.testing import random_adapter
 TOKEN = "hostile-s3cret"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 CODE = grpc.StatusCode
-MAX_CHUNKS = 64
+MAX_CHUNKS = 128
 FLAGS = (
     *("--token", TOKEN, "--max-upload-size", "1MiB", "--max-message-size", "4MiB"),
     *("--max-upload-chunks", str(MAX_CHUNKS), "--max-metadata-size", "1KiB", "--max-steps", "50"),
@@ -305,10 +305,14 @@ UPLOADS = [
         "register-30k-empty-chunks",
         upload(header("flood"), *[data(b"")] * 30_000),
         INVALID,
-        f"more than {MAX_CHUNKS} data chunks",
+        "65 data chunks carrying 0 bytes",
     ),
+    Case("register-tiny-chunks", upload(header("flood"), *[data(b"x")] * 1000), INVALID, "must average"),
     Case(
-        "register-tiny-chunks", upload(header("flood"), *[data(b"x")] * 1000), INVALID, "--max-upload-chunks"
+        "register-too-many-chunks",
+        upload(header("flood"), *[data(b"x" * 5000)] * (MAX_CHUNKS + 1)),
+        INVALID,
+        f"more than {MAX_CHUNKS} data chunks (--max-upload-chunks",
     ),
     Case("register-size-more-than-announced", upload_sized(-1, "size"), INVALID, "size_bytes"),
     Case("register-size-fewer-than-announced", upload_sized(+1, "size"), INVALID, "size_bytes"),

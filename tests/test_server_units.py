@@ -407,7 +407,7 @@ def test_a_page_stops_at_its_size_or_its_byte_budget_and_says_where_to_go_on():
 
 # ---------------------------------------------------------------------------- upload stream bounds
 
-UPLOAD_LIMITS = UploadLimits(max_bytes=1 << 20, max_chunks=64, max_metadata_bytes=1024)
+UPLOAD_LIMITS = UploadLimits(max_bytes=1 << 20, max_chunks=1000, max_metadata_bytes=1024)
 
 
 def _header(**fields) -> adapters_pb2.RegisterAdapterChunk:
@@ -432,8 +432,9 @@ def _drain(*chunks: adapters_pb2.RegisterAdapterChunk) -> list[adapters_pb2.Regi
 @pytest.mark.parametrize(
     "chunks, match",
     [
-        ((_header(), *[_data(b"")] * 30_000), "more than 64 data chunks"),
-        ((_header(), *[_data(b"x")] * 65), "--max-upload-chunks"),
+        ((_header(), *[_data(b"")] * 30_000), "65 data chunks carrying 0 bytes"),
+        ((_header(), *[_data(b"x")] * 1000), "chunks must average at least 4096 bytes"),
+        ((_header(), *[_data(b"x" * 4096)] * 1001), "more than 1000 data chunks"),
         ((_header(size_bytes=10), _data(b"x" * 11)), "size_bytes=10, but more came"),
         ((_header(size_bytes=10), _data(b"x" * 9)), "size_bytes=10, but 9 bytes came"),
         ((_header(metadata={f"k{i}": "" for i in range(65)}),), "65 entries"),
@@ -446,6 +447,7 @@ def _drain(*chunks: adapters_pb2.RegisterAdapterChunk) -> list[adapters_pb2.Regi
     ],
     ids=[
         "30k-empty-chunks",
+        "tiny-chunks",
         "too-many-chunks",
         "more-than-announced",
         "fewer-than-announced",
