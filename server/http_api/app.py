@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 from deft_server.auth import MISSING_TOKEN, BearerToken
@@ -40,7 +41,7 @@ def token_check(settings: ServerSettings) -> Callable[[Request], None]:
     return authorize
 
 
-def _handlers() -> dict[type[Exception], Callable[[Request, Exception], Awaitable[Response]]]:
+def _handlers() -> dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]]:
     async def status(request: Request, e: Exception) -> Response:
         return error_response(e if isinstance(e, StatusError) else StatusError.of(e))
 

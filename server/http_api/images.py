@@ -18,6 +18,7 @@ from typing import Any, Literal
 from deft_client.proto import generation_pb2
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from deft_runtime.errors import InvalidRequest, shorten
 
@@ -81,14 +82,14 @@ class ImageGenerationBody(BaseModel):
         return self.output_format or "png"
 
 
-def _problem(error: dict[str, Any]) -> str:
+def _problem(error: ErrorDetails) -> str:
     field = ".".join(str(p) for p in error["loc"]) or "body"
     if error["type"] == "extra_forbidden":
         top = str(error["loc"][0])
         fix = REFUSED.get(top, f"deft reads {', '.join(ImageGenerationBody.model_fields)}")
         return f"unsupported field {shorten(field)}: {fix}"
     if error["type"] == "value_error":
-        return str(error["ctx"]["error"])
+        return str(error.get("ctx", {}).get("error", error["msg"]))
     return f"{shorten(field)}: {error['msg']}"
 
 
