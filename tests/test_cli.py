@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import subprocess
 import sys
 import typing
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+import typer
 from deft_cli.app import app
 from typer.testing import CliRunner
 
@@ -66,7 +69,11 @@ def _click_options(command) -> dict[str, object]:
     import typer.main
 
     click_command = typer.main.get_command(command) if not hasattr(command, "params") else command
-    return {opt: p for p in click_command.params for opt in getattr(p, "opts", [])}
+    return {
+        opt: p
+        for p in click_command.params
+        for opt in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+    }
 
 
 def test_serve_has_one_flag_per_setting_with_its_variable_and_default():
@@ -184,3 +191,29 @@ def test_serve_help_through_the_real_executables_lists_the_generated_flags():
         assert out.returncode == 0, out.stderr
         text = " ".join(out.stdout.split())
         assert f"Usage: {usage}" in text and "--max-queue" in text and "[DEFT_MAX_QUEUE; 256]" in text, text
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    width: Annotated[int, typer.Option(help="w")] = 8
+    height: Annotated[int, typer.Option(help="h")] = 4
+
+
+def test_option_groups_arrive_as_typed_objects_and_names_cannot_repeat():
+    from deft_cli.options import with_options
+
+    got = []
+
+    @with_options(size=Size)
+    def command(name: Annotated[str, typer.Argument()], size: Size) -> None:
+        got.append((name, size))
+
+    one = typer.Typer()
+    one.command()(command)
+    result = runner.invoke(one, ["x", "--height", "5"])
+    assert result.exit_code == 0, result.output
+    assert got == [("x", Size(width=8, height=5))]
+    with pytest.raises(TypeError, match="repeat a name"):
+
+        @with_options(a=Size, b=Size)
+        def twice(a: Size, b: Size) -> None: ...
