@@ -217,3 +217,14 @@ def test_option_groups_arrive_as_typed_objects_and_names_cannot_repeat():
 
         @with_options(a=Size, b=Size)
         def twice(a: Size, b: Size) -> None: ...
+
+
+def test_export_flag_defaults_are_the_exporters():
+    """``deft export-onnx`` repeats two constants so that ``deft --help`` needs no torch import."""
+    from deft_cli.export import MIN_OPSET, ExportFlags
+
+    from deft_runtime.export import onnx
+
+    assert MIN_OPSET == onnx.MIN_OPSET == onnx.DEFAULT_OPSET
+    defaults = {f.name: f.default for f in dataclasses.fields(ExportFlags)}
+    assert (defaults["opset"], defaults["tolerance"]) == (onnx.DEFAULT_OPSET, onnx.DEFAULT_TOLERANCE)
