@@ -12,6 +12,7 @@ their exact expected status::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from deft_client import DeftClient
+from deft_client import AsyncDeftClient, DeftClient, GenerateOptions
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -411,6 +412,26 @@ def test_list_adapters_pages_through_every_adapter_with_opaque_tokens(client: De
             assert seen[-1] not in token  # opaque: no name in the clear
         assert seen == sorted(names) and pages == 3
         assert [a.name for a in client.list_adapters()] == sorted(names)  # every page, transparently
+        assert [a.name for a in asyncio.run(_async_list(client.target))] == sorted(names)
     finally:
         for name in names[1:]:
             client.delete_adapter(name)
+
+
+async def _async_list(target: str) -> list:
+    async with AsyncDeftClient(target, token=TOKEN, timeout=CALL_TIMEOUT_S) as c:
+        page = await c.list_adapters_page(page_size=1)
+        assert len(page.adapters) == 1 and page.next_page_token
+        return await c.list_adapters()
+
+
+def test_generate_options_and_keywords_make_the_same_request(client: DeftClient):
+    options = GenerateOptions(adapters=[("ok", 0.5)], seed=5, steps=1, request_id="label-1")
+    by_options = client.generate_result("a cat", options)
+    by_keywords = client.generate_result(
+        "a cat", adapters=[("ok", 0.5)], seed=5, steps=1, request_id="label-1"
+    )
+    assert by_options.seed == by_keywords.seed == 5 and by_options.steps == 1
+    # the same request alone in its batch: the same kernels on the same tensors
+    assert by_options.images[0].tobytes() == by_keywords.images[0].tobytes()
+    assert client.generate_result("a cat", options, seed=6).seed == 6  # keywords override options
