@@ -395,6 +395,7 @@ def start_server(
     common += ["--dtype", preset.dtype]
     if kind == "deft":
         command = [sys.executable, "-m", "deft_server", *common, "--metrics-port", str(metrics_port)]
+        command += ["--http-port", "0"]  # benchmarks measure gRPC; several servers must not share port 8000
         command += ["--log-level", "WARNING", *preset.deft_flags]
     else:
         command = [sys.executable, "-m", "benchmarks.baseline_server", *common, *preset.baseline_flags]

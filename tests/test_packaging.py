@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ["grpc", "peft", "triton", "prometheus_client", "pydantic_settings", "accelerate"]
+OPTIONAL += ["fastapi", "uvicorn"]  # the http extra
 
 
 def test_core_imports_without_optional_extras():

@@ -73,7 +73,7 @@ def test_a_registration_on_one_replica_is_served_by_the_other(replicas, adapter_
 
 def _serve(tmp_path, *flags: str) -> subprocess.CompletedProcess[str]:
     command = [str(DEFT_EXECUTABLE), "serve", "--port", str(free_port()), "--metrics-port", "0"]
-    command += ["--data-dir", str(tmp_path), *flags]
+    command += ["--http-port", "0", "--data-dir", str(tmp_path), *flags]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
 
 
