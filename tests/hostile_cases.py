@@ -454,7 +454,7 @@ def gzip_of_repeats(prefix: bytes, chunk: bytes, repeats: int, suffix: bytes = b
     valid stream: a 4 MiB file that inflates to 4 GiB takes milliseconds to make. The trailer's CRC
     is computed only when the inflated size is small (a reader that stops early never checks it).
     """
-    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
     head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
     body = c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH)
     tail = c.compress(suffix) + c.flush(zlib.Z_FINISH)
