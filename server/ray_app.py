@@ -76,11 +76,12 @@ from typing import Any, NoReturn, cast
 import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from deft_server.auth import BearerToken
-from deft_server.config import ServerSettings
+from deft_server.config import ServerSettings, UploadLimits
 from deft_server.convert import generation_request
 from deft_server.errors import UploadTooLarge, to_status
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
+from deft_server.upload_limits import bounded_chunks
 from google.protobuf.message import Message
 from prometheus_client import start_http_server
 from ray import serve
@@ -328,13 +329,13 @@ class DeftIngress:
         self,
         replicas: DeploymentHandle,
         token: str | None = None,
-        max_upload_bytes: int = 1 << 30,
+        upload_limits: UploadLimits | None = None,
         routing: str = "affinity",
     ):
         self.replicas = replicas
         self.affinity = routing == "affinity"
         self.token = BearerToken(token) if token else None
-        self.max_upload_bytes = max_upload_bytes
+        self.upload_limits = upload_limits or ServerSettings().upload_limits()
 
     def _routing_id(self, request: generation_pb2.GenerateRequest) -> str:
         return request_set_id(request) if self.affinity else ""
@@ -419,19 +420,19 @@ class DeftIngress:
         )
 
     async def RegisterAdapter(self, request_stream: Any, grpc_context: Any = None) -> adapters_pb2.Adapter:
-        """Client streaming: gather the chunks (bounded by ``max_upload_size``), then one replica registers."""
+        """Client streaming: gather the chunks (bounded as ``deft serve`` bounds them), then one replica registers."""
         denied = self._check_token(grpc_context)
         if denied is not None:
             self._fail_unary(grpc_context, "", denied)
             return adapters_pb2.Adapter()
         chunks: list[bytes] = []
         received = 0
-        try:
-            async for chunk in request_stream:
+        try:  # the replica's own bounds, applied here too, so nothing unbounded is buffered
+            async for chunk in bounded_chunks(request_stream, self.upload_limits):
                 received += len(chunk.data)
-                if received > self.max_upload_bytes:
+                if received > self.upload_limits.max_bytes:
                     raise UploadTooLarge(
-                        f"the upload is above this server's limit of {self.max_upload_bytes} bytes "
+                        f"the upload is above this server's limit of {self.upload_limits.max_bytes} bytes "
                         "(deploy with a larger max_upload_size)"
                     )
                 chunks.append(chunk.SerializeToString())
@@ -499,4 +500,4 @@ def build_app(args: Mapping[str, Any]) -> Any:
         max_ongoing_requests=max(1000, num_replicas * checked.max_queue),
         ray_actor_options={"num_cpus": 0},
     )(DeftIngress)
-    return ingress.bind(replica, token, int(checked.max_upload_size), routing)
+    return ingress.bind(replica, token, checked.upload_limits(), routing)
