@@ -21,6 +21,7 @@ import pytest
 from deft_client import DeftClient
 from openai import OpenAI
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from deft_runtime.adapter import AdapterKind
 from deft_runtime.base_view import BaseView
@@ -76,7 +77,8 @@ def b64png(b64: str | None) -> bytes:
 
 def http(server, method: str, path: str, **kwargs) -> httpx2.Response:
     headers = {"Authorization": f"Bearer {TOKEN}", **kwargs.pop("headers", {})}
-    return httpx2.request(method, server.http_url + path, headers=headers, timeout=300, **kwargs)
+    timeout = kwargs.pop("timeout", 300)
+    return httpx2.request(method, server.http_url + path, headers=headers, timeout=timeout, **kwargs)
 
 
 # ---------------------------------------------------------------------------- images
@@ -149,6 +151,31 @@ def test_jpeg_and_webp_output_are_the_png_image_reencoded(sdk):
         expected = io.BytesIO()
         Image.fromarray(pixels(png)).save(expected, format=fmt.upper(), quality=80)
         assert b64png(response.data[0].b64_json) == expected.getvalue(), fmt
+
+
+def requests_by_status(server) -> dict[str, float]:
+    text = httpx2.get(server.metrics_url, timeout=30).text
+    return {
+        s.labels["status"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "deft_requests_total"
+    }
+
+
+def test_a_client_that_leaves_cancels_its_generation(server, sdk):
+    """Like a cancelled gRPC call: the engine drops the request instead of denoising for nobody."""
+    before = requests_by_status(server).get("cancelled", 0.0)
+    body = {"prompt": "a long wait", "steps": 150}
+    with pytest.raises(httpx2.TimeoutException):
+        http(server, "POST", "/v1/images/generations", json=body, timeout=3)
+    for _ in range(600):
+        after = requests_by_status(server)
+        if after.get("cancelled", 0.0) > before:
+            break
+        time.sleep(0.1)
+    assert after.get("cancelled", 0.0) == before + 1, after
+    assert sdk.images.generate(prompt="next", extra_body={"steps": 1}).data  # the server carries on
 
 
 # ---------------------------------------------------------------------------- errors

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from importlib import resources
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 from deft_client.proto import adapters_pb2, generation_pb2
@@ -26,10 +26,13 @@ from deft_server.http_api.uploads import upload_chunks
 from deft_server.service import AdapterService, GenerationService, ServerState
 from fastapi import APIRouter, Request
 from google.protobuf import json_format
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 CONTEXT = cast(Any, HttpCallContext())  # what the servicers are given as their ServicerContext
 _STATE_PREFIX = "ADAPTER_STATE_"
+#: how often a waiting (non-streaming) generation checks that its client is still connected
+DISCONNECT_POLL_S = 0.5
+T = TypeVar("T")
 
 
 class Routes:
@@ -73,7 +76,9 @@ class Routes:
         message = images.generate_request(body, adapter, runtime.engine.family.defaults().steps)
         if body.stream:
             return await self._stream(message, body)
-        reply = await self.generation.GenerateOnce(message, CONTEXT)
+        reply = await _unless_disconnected(request, self.generation.GenerateOnce(message, CONTEXT))
+        if reply is None:
+            return Response(status_code=499)  # nobody reads it: the client left
         return JSONResponse(await asyncio.to_thread(images.images_response, reply.result, body))
 
     async def _stream(self, message: generation_pb2.GenerateRequest, body: images.ImageGenerationBody) -> Any:
@@ -154,6 +159,21 @@ async def _body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise UploadTooLarge(f"the request body is larger than this server's limit of {limit} bytes")
     return bytes(body)
+
+
+async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T | None:
+    """``call``'s result, or None once the client has disconnected (``call`` is then cancelled, so the
+    engine drops the request at its next step, as when a gRPC client cancels)."""
+    task = asyncio.ensure_future(call)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                return None
+        return task.result()
+    finally:
+        task.cancel()
 
 
 def _sse_message(event: str, data: dict[str, Any]) -> bytes:
