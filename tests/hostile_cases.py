@@ -431,6 +431,32 @@ ADAPTER_CASES: list[Case] = [
 ]
 
 
+# ---------------------------------------------------------------- type confusion, seeded
+
+CONFUSING_VALUES: list[object] = [
+    None, True, False, 0, -1, 2, 2.5, 1e30, float("nan"), float("inf"), 10**40, "", "x", "nan",
+    "relu", "LORA", [], [2], [[[]]], {}, {"to_q": "x"}, {"(": 1}, {"to_q": 4}, {"a": [1]},
+]  # fmt: skip
+_CONFIG_FIELDS = {
+    "LORA": ["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora"],
+    "DEFT": ["peft_type", "r", "alpha", "decomposition_method", "para"],
+    "native": ["kind", "decomposition", "ranks", "scales", "fingerprint", "user", "format_version"],
+}
+
+
+def confused_case(seed: int) -> Callable[[Path], Path]:
+    """A valid PEFT LoRA/DEFT directory or deft file with 1-3 fields replaced by values of other types."""
+    rng = random.Random(seed)
+    family = rng.choice(list(_CONFIG_FIELDS))
+    changes = {
+        rng.choice(_CONFIG_FIELDS[family]): rng.choice(CONFUSING_VALUES) for _ in range(rng.randint(1, 3))
+    }
+    if family == "native":
+        as_text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in changes.items()}
+        return native(raw=as_text)
+    return (peft_lora if family == "LORA" else peft_deft)(**changes)
+
+
 # ---------------------------------------------------------------- archives
 
 

@@ -8,6 +8,7 @@ the catalogue's size and how many cases got their exact error.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 from deft_server.errors import UploadTooLarge
 from deft_server.uploads import extract_archive, validate_name
-from hostile_cases import ADAPTER_CASES, ARCHIVE_CASES, ARCHIVE_LIMIT, json_text, write_peft
+from hostile_cases import ADAPTER_CASES, ARCHIVE_CASES, ARCHIVE_LIMIT, confused_case, json_text, write_peft
 from safetensors.torch import save_file
 
 from deft_runtime.adapter import AdapterKind, Decomposition
@@ -73,6 +74,19 @@ def test_hostile_archive_is_refused_while_streaming(tmp_path, case):
     outside = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")} - {"upload.tar", "deep"}
     assert not outside, f"{case.id} wrote {outside} outside the destination"
     assert not any(out.iterdir()), f"{case.id} left files behind in the destination"
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_type_confusion_in_configs_never_escapes_as_an_internal_error(tmp_path, seed):
+    """Seeded swaps of config fields for values of other types: each file loads or is InvalidAdapter."""
+    try:
+        adapter = load_adapter(confused_case(seed)(tmp_path))
+    except InvalidAdapter as e:
+        assert len(str(e)) < MAX_MESSAGE_CHARS
+    else:  # whatever loaded has finite, bounded scales and matrix tensors
+        assert all(
+            math.isfinite(layer.scale) and abs(layer.scale) <= 1e4 for layer in adapter.layers.values()
+        )
 
 
 def test_catalogue_size(capsys):
