@@ -163,18 +163,30 @@ def requests_by_status(server) -> dict[str, float]:
     }
 
 
+def wait_for_cancelled(server, before: float) -> dict[str, float]:
+    for _ in range(600):
+        after = requests_by_status(server)
+        if after.get("cancelled", 0.0) > before:
+            break
+        time.sleep(0.1)
+    return after
+
+
 def test_a_client_that_leaves_cancels_its_generation(server, sdk):
     """Like a cancelled gRPC call: the engine drops the request instead of denoising for nobody."""
     before = requests_by_status(server).get("cancelled", 0.0)
     body = {"prompt": "a long wait", "steps": 150}
     with pytest.raises(httpx2.TimeoutException):
         http(server, "POST", "/v1/images/generations", json=body, timeout=3)
-    for _ in range(600):
-        after = requests_by_status(server)
-        if after.get("cancelled", 0.0) > before:
-            break
-        time.sleep(0.1)
+    after = wait_for_cancelled(server, before)
     assert after.get("cancelled", 0.0) == before + 1, after
+    stream = sdk.images.generate(
+        prompt="a long wait", stream=True, partial_images=149, extra_body={"steps": 150}
+    )
+    assert next(iter(stream)).type == "image_generation.partial_image"
+    stream.close()  # leaves mid-stream
+    after = wait_for_cancelled(server, before + 1)
+    assert after.get("cancelled", 0.0) == before + 2, after
     assert sdk.images.generate(prompt="next", extra_body={"steps": 1}).data  # the server carries on
 
 
