@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 import grpc
-from deft_server.errors import reason_of, to_status
+from deft_server.errors import DOMAIN, reason_of, to_status
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from starlette.responses import JSONResponse
@@ -58,7 +58,7 @@ class StatusError(Exception):
     @classmethod
     def http_only(cls, code: grpc.StatusCode, message: str, reason: str) -> StatusError:
         """A refusal only HTTP makes (no token, unknown model): its status built the same way."""
-        info = error_details_pb2.ErrorInfo(reason=reason, domain="deft.v1")
+        info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
         status = status_pb2.Status(code=code.value[0], message=message)
         status.details.add().Pack(info)
         return cls(rpc_status.to_status(status))

@@ -84,9 +84,10 @@ class ImageGenerationBody(BaseModel):
 
 def _problem(error: ErrorDetails) -> str:
     field = ".".join(str(p) for p in error["loc"]) or "body"
+    if error["type"] == "extra_forbidden" and len(error["loc"]) > 1:
+        return f"unsupported field {shorten(field)}: each of 'adapters' is {{'name': ..., 'weight': ...}}"
     if error["type"] == "extra_forbidden":
-        top = str(error["loc"][0])
-        fix = REFUSED.get(top, f"deft reads {', '.join(ImageGenerationBody.model_fields)}")
+        fix = REFUSED.get(field, f"deft reads {', '.join(ImageGenerationBody.model_fields)}")
         return f"unsupported field {shorten(field)}: {fix}"
     if error["type"] == "value_error":
         return str(error.get("ctx", {}).get("error", error["msg"]))
@@ -139,7 +140,7 @@ def generate_request(
         msg.adapters.add(name=ref.name, weight=ref.weight)
     size = _size(body.size)
     if size is not None:
-        msg.width, msg.height = min(size[0], INT32_MAX), min(size[1], INT32_MAX)
+        msg.width, msg.height = size
     for field, value in (
         ("negative_prompt", body.negative_prompt),
         ("num_inference_steps", body.steps),
