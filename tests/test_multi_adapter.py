@@ -9,6 +9,8 @@ OmniGen transformer.
 from __future__ import annotations
 
 import copy
+import os
+import zlib
 
 import pytest
 import torch
@@ -69,10 +71,15 @@ MIXED_ROWS = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", list(DENOISERS))
-def test_mixed_batch_equals_separate_and_merged_runs(arch, backend="torch"):
+def test_mixed_batch_equals_separate_and_merged_runs(arch, backend):
+    """Under the CPU interpreter each Triton forward takes long, so there that backend runs smaller
+    latents, separately only the four-adapter blend row, and shows every adapter row differs from the
+    base within the mixed forward; each row still equals its merged-weight run."""
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     rows = len(MIXED_ROWS)
-    base, mam, inputs = make_model(arch, backend, rows)
+    base, mam, inputs = make_model(arch, backend, rows, side=8 if interpreted else 16)
     adapters = adapters_for(mam)
     compiled = {name: mam.register(name, a) for name, a in adapters.items()}
     base_out = forward(mam.denoiser, inputs)
@@ -80,23 +87,28 @@ def test_mixed_batch_equals_separate_and_merged_runs(arch, backend="torch"):
         base_out, forward(base, inputs), atol=0, rtol=0
     )  # empty batch: exactly the base
 
-    # 1. every adapter changes the output on its own
-    for name in adapters:
-        with mam.rows([[(name, 1.0)]] * rows):
-            alone = forward(mam.denoiser, inputs)
-        assert (alone - base_out).abs().max() > 1e-3, f"{name} must change the output"
+    # 1. every adapter changes the output on its own (one row is enough)
+    first = select_rows(inputs, [0])
+    for name in [] if interpreted else adapters:
+        with mam.rows([[(name, 1.0)]]):
+            alone = forward(mam.denoiser, first)
+        assert (alone - base_out[:1]).abs().max() > 1e-3, f"{name} must change the output"
 
     # 2. the mixed batch
     with mam.rows(MIXED_ROWS):
         mixed = forward(mam.denoiser, inputs)
 
+    separately = [rows - 1] if interpreted else range(rows)
     for i, pairs in enumerate(MIXED_ROWS):
         row_inputs = select_rows(inputs, [i])
-        with mam.rows([pairs]):
-            separate = forward(mam.denoiser, row_inputs)
-        torch.testing.assert_close(
-            mixed[i : i + 1], separate, atol=ATOL[backend], rtol=1e-4, msg=f"row {i} vs separate"
-        )
+        if pairs:
+            assert (mixed[i] - base_out[i]).abs().max() > 1e-3, f"row {i} must differ from the base"
+        if i in separately:
+            with mam.rows([pairs]):
+                separate = forward(mam.denoiser, row_inputs)
+            torch.testing.assert_close(
+                mixed[i : i + 1], separate, atol=ATOL[backend], rtol=1e-4, msg=f"row {i} vs separate"
+            )
         merged = copy.deepcopy(base)
         for name, weight in pairs:
             merge_into(merged, compiled[name], weight=weight)
@@ -130,7 +142,7 @@ def peft_made_adapters(base, inputs, root) -> dict[str, torch.Tensor]:
     """Save one PEFT adapter per config under ``root``; return PEFT's own forward output for each."""
     peft_outputs = {}
     for n, make_config in PEFT_CONFIGS.items():
-        torch.manual_seed(hash(n) % 100)
+        torch.manual_seed(zlib.crc32(n.encode()))  # stable across processes, unlike hash(str)
         peft_model = get_peft_model(copy.deepcopy(base), make_config())
         with torch.no_grad():
             for pname, p in peft_model.named_parameters():
