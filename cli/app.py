@@ -10,6 +10,7 @@ import typer
 from deft_cli import remote
 from deft_cli.console import console, fail
 from deft_cli.export import export_onnx_command
+from deft_cli.keys import keys_app
 from deft_cli.train import train_command
 from rich.markup import escape
 from rich.table import Table
@@ -90,4 +91,5 @@ def serve(ctx: typer.Context) -> None:
 
 
 app.add_typer(remote.adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
 app.command()(remote.generate)

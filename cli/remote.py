@@ -42,10 +42,13 @@ def adapters_register(
         Path, typer.Argument(help="PEFT directory, .safetensors LoRA file, or *.deft.safetensors")
     ],
     connection: Connection,
+    public: Annotated[
+        bool, typer.Option("--public", help="usable by every tenant (needs an admin key)")
+    ] = False,
 ) -> None:
     """Upload an adapter; the server validates and compiles it against its base model."""
     with connect(connection) as client:
-        info = client.register_adapter(name, path)
+        info = client.register_adapter(name, path, public=public)
     console.print(f"registered [bold]{escape(info.name)}[/]: {escape(_describe(info))}")
 
 
@@ -55,13 +58,20 @@ def adapters_list(connection: Connection) -> None:
     """List the registered adapters."""
     with connect(connection) as client:
         infos = client.list_adapters()
-    table = Table("name", "kind", "ranks", "layers", "size", "state", "registered")
+    table = Table("name", "owner", "kind", "ranks", "layers", "size", "state", "registered")
     for info in infos:
         kind = f"{info.kind} ({info.decomposition})" if info.decomposition else info.kind
         created = info.created_at.strftime("%Y-%m-%d %H:%M")
         ranks = ",".join(map(str, info.ranks))
         table.add_row(
-            info.name, kind, ranks, str(info.target_count), _size(info.size_bytes), info.state, created
+            info.name,
+            info.owner or "public",
+            kind,
+            ranks,
+            str(info.target_count),
+            _size(info.size_bytes),
+            info.state,
+            created,
         )
     console.print(table)
 

@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 
 import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
-from deft_server.auth import TokenAuth
 from deft_server.config import ServerSettings
 from deft_server.http_api import HttpServer, start_http
 from deft_server.loading import ServingRuntime, load_runtime
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
+from deft_server.tenants_auth import InsecureBind, auth_interceptors
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -71,8 +71,14 @@ def _options(settings: ServerSettings) -> list[tuple[str, Any]]:
 def build_server(
     settings: ServerSettings, state: ServerState, generation: GenerationService, health: HealthServicer
 ) -> grpc.aio.Server:
-    token = settings.token.get_secret_value() if settings.token else None
-    server = grpc.aio.server(options=_options(settings), interceptors=[TokenAuth(token)] if token else None)
+    def store() -> Any:  # the registry's store (for --auth keys) once the runtime is loaded
+        return state.runtime.registry.store if state.runtime is not None else None
+
+    try:
+        interceptors = auth_interceptors(settings, store)
+    except InsecureBind as e:
+        raise StartupError(str(e)) from e
+    server = grpc.aio.server(options=_options(settings), interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
         AdapterService(state, settings.upload_limits()), server

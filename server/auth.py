@@ -55,11 +55,13 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return handler if refusal is None else _denying(handler, refusal)
 
 
-def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that refuses the call with UNAUTHENTICATED."""
+def _denying(
+    handler: grpc.RpcMethodHandler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that refuses the call with ``code``."""
 
     async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,

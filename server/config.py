@@ -98,6 +98,12 @@ class ServerSettings(BaseSettings):
         "auto", description="adapter kernels: auto | torch | triton"
     )
     # --- security
+    auth: Literal["none", "token", "keys"] | None = Field(
+        None,
+        description="none | token (one shared --token) | keys (tenant keys: deft keys create); "
+        "default: token when --token is given, else none",
+    )
+    insecure_no_auth: bool = Field(False, description="allow --auth none on a non-loopback --host")
     token: SecretStr | None = Field(None, description="require 'authorization: Bearer TOKEN' on every call")
     tls_cert: Path | None = Field(None, description="PEM certificate chain (TLS on when given)")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
@@ -155,7 +161,20 @@ class ServerSettings(BaseSettings):
             raise ValueError("max_message_size must be at least 1MiB (uploads travel in 256KiB chunks)")
         return self
 
+    @model_validator(mode="after")
+    def _auth_pair(self) -> ServerSettings:
+        if self.auth == "token" and self.token is None:
+            raise ValueError("--auth token needs --token TOKEN (or DEFT_TOKEN)")
+        if self.auth in ("keys", "none") and self.token is not None:
+            raise ValueError(f"--token goes with --auth token, not --auth {self.auth}")
+        return self
+
     # --- derived, typed views handed to the components
+
+    @property
+    def auth_mode(self) -> Literal["none", "token", "keys"]:
+        """``--auth``, or its default: token when a --token is given, else none."""
+        return self.auth or ("token" if self.token is not None else "none")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -19,6 +19,7 @@ from deft_client.proto import adapters_pb2, generation_pb2
 from deft_server.config import RequestLimits
 from deft_server.registry import AdapterState, UploadFormat
 from deft_server.store import AdapterRecord
+from deft_server.tenants import PUBLIC, pool_name, split_pool_name, validate_tenant_id
 from deft_server.uploads import validate_name
 from google.protobuf import timestamp_pb2
 
@@ -186,6 +187,7 @@ def adapter_message(record: AdapterRecord, state: AdapterState, reason: str) -> 
         metadata=record.metadata,
         compiled_bytes=record.compiled_bytes,
         state_reason=reason,
+        owner="" if record.owner == PUBLIC else record.owner,
     )
 
 
@@ -206,13 +208,15 @@ def page_token(last_name: str) -> str:
 
 
 def page_after(token: str) -> str:
-    """The adapter name a ``page_token`` continues after ("" for the first page); refuses forged tokens."""
+    """The adapter (pool name ``owner/name``) a ``page_token`` continues after ("" for the first page);
+    refuses forged tokens."""
     if not token:
         return ""
     try:
         raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
-        if raw.startswith(_PAGE_TOKEN_PREFIX):
-            return validate_name(raw[len(_PAGE_TOKEN_PREFIX) :].decode())
+        if raw.startswith(_PAGE_TOKEN_PREFIX):  # after the pool name owner/name
+            owner, name = split_pool_name(raw[len(_PAGE_TOKEN_PREFIX) :].decode())
+            return pool_name(owner if owner == PUBLIC else validate_tenant_id(owner), validate_name(name))
     except (UnicodeError, binascii.Error, InvalidRequest):
         pass
     raise InvalidRequest(
@@ -235,5 +239,6 @@ def adapters_page(
             break
         reply.adapters.append(message)
     if len(reply.adapters) < len(records):
-        reply.next_page_token = page_token(reply.adapters[-1].name)
+        last = reply.adapters[-1]
+        reply.next_page_token = page_token(pool_name(last.owner or PUBLIC, last.name))
     return reply

@@ -21,6 +21,7 @@ import logging
 import re
 
 import grpc
+from deft_server.tenants import NotPermitted, QuotaExceeded
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -77,6 +78,8 @@ class DiskFull(DeftError):
 #: Error class → status code; the first match wins (subclasses before their bases).
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UploadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (DiskFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidAdapter, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -151,7 +154,8 @@ def to_status(error: BaseException) -> grpc.Status:
             message = message[: MAX_MESSAGE_CHARS - 30] + f"… ({len(message)} characters in all)"
     details = [_pack(error_details_pb2.ErrorInfo(reason=reason_of(error), domain=DOMAIN))]
     if code in _RETRYABLE:
-        delay = duration_pb2.Duration(seconds=_RETRY_AFTER_S)
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int((getattr(error, "retry_after_s", None) or _RETRY_AFTER_S) * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(status)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from deft_server.config import ServerSettings
 from deft_server.errors import AdapterInUse
 from deft_server.metrics import ServerMetrics
 from deft_server.registry import AdapterRegistry, AdapterState
-from deft_server.store import AdapterStore, open_store
+from deft_server.store import AdapterRecord, AdapterStore, open_store
+from deft_server.tenants import current_tenant, pool_name, split_pool_name
+from deft_server.tenants_limits import TenantLimiter
 
 from deft_runtime.base_view import BaseView
 from deft_runtime.devices import resolve_device, resolve_dtype
-from deft_runtime.engine import Engine
+from deft_runtime.engine import Engine, GenerationRequest, RequestHandle
+from deft_runtime.engine.request_state import EventCallback
 from deft_runtime.errors import PoolExhausted, shorten
 from deft_runtime.models import denoiser_of, load_pipeline
 from deft_runtime.pool import AdapterPool, PoolConfig
@@ -34,6 +37,7 @@ class ServingRuntime:
     model: MultiAdapterModel
     registry: AdapterRegistry
     engine: Engine
+    limiter: TenantLimiter = field(default_factory=TenantLimiter)
 
     @property
     def running(self) -> int:
@@ -51,23 +55,44 @@ class ServingRuntime:
     def pool(self) -> AdapterPool:
         return self.model.pool
 
-    def adapter_state(self, name: str) -> tuple[AdapterState, str]:
+    def adapter_state(self, adapter: str | AdapterRecord) -> tuple[AdapterState, str]:
+        """State of a record, or of a pool name (a bare name: a public adapter)."""
+        name = (
+            adapter.pool_name if isinstance(adapter, AdapterRecord) else pool_name(*split_pool_name(adapter))
+        )
         state, reason = self.registry.state(name)
         if state is AdapterState.READY and self.pool.is_resident(name):
             return AdapterState.RESIDENT, ""
         return state, reason
 
     def delete_adapter(self, name: str) -> None:
-        """Unregister ``name``; refused while requests on this replica run with it (other replicas stop
-        serving it at their next request for it). The pool's copy is dropped if nothing pinned it
-        meanwhile, else it is refused at its next use (the pool checks versions)."""
-        if self.pool.pins(name):
+        """Unregister the calling tenant's ``name`` (public ones: admins only); refused while requests on
+        this replica run with it (other replicas stop serving it at their next request for it). The
+        pool's copy is dropped if nothing pinned it meanwhile, else it is refused at its next use."""
+        record = self.registry.resolve(name)
+        self.registry.check_deletable(record)
+        if self.pool.pins(record.pool_name):
             raise AdapterInUse(
                 f"adapter {shorten(name)} is in use by running requests; delete it once they have finished"
             )
-        self.registry.delete(name)
+        self.registry.delete(record)
         with contextlib.suppress(PoolExhausted):
-            self.pool.evict(name)
+            self.pool.evict(record.pool_name)
+
+    def submit(self, job: GenerationRequest, on_event: EventCallback) -> RequestHandle:
+        """Queue ``job`` for the calling tenant (blocking: registry look-ups): its adapter names resolved
+        to the tenant's (or public) adapters, within the tenant's concurrency and rate quotas, which it
+        holds until the request ends."""
+        tenant = current_tenant()
+        job = replace(job, adapters=self.registry.qualify(job.adapters, tenant))
+        release = self.limiter.admit(tenant)
+        try:
+            handle = self.engine.submit(job, on_event=on_event)
+        except BaseException:
+            release()
+            raise
+        handle.future.add_done_callback(lambda _: release())
+        return handle
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -110,12 +110,15 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     async def _submit(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[RequestHandle, EventBridge]:
-        engine = self.state.require().engine
-        job = generation_request(request, self.limits, engine.family.defaults(), context.time_remaining())
+        runtime = self.state.require()
+        job = generation_request(
+            request, self.limits, runtime.engine.family.defaults(), context.time_remaining()
+        )
         bridge = EventBridge(asyncio.get_running_loop())
         # on a worker thread: admission asks the registry whether the adapters exist (a database
-        # round trip with a shared registry), which must not stall every other stream on this loop
-        submitted = asyncio.ensure_future(asyncio.to_thread(engine.submit, job, on_event=bridge))
+        # round trip with a shared registry), which must not stall every other stream on this loop;
+        # the runtime resolves them for the calling tenant and applies its quotas
+        submitted = asyncio.ensure_future(asyncio.to_thread(runtime.submit, job, bridge))
         try:
             return await asyncio.shield(submitted), bridge
         except asyncio.CancelledError:  # the client left while the request was being admitted
@@ -183,35 +186,38 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
     async def RegisterAdapter(
         self, request_iterator: AsyncIterator[adapters_pb2.RegisterAdapterChunk], context: Any
     ) -> adapters_pb2.Adapter:
-        registry = self.state.require().registry
+        runtime = self.state.require()
+        registry = runtime.registry
         chunks = bounded_chunks(request_iterator, self.limits)
-        upload = received_upload(chunks, registry.store.tmp, self.limits.max_bytes, registry.check_free)
+        upload = received_upload(chunks, registry.cache.tmp, self.limits.max_bytes, registry.check_free)
         async with upload as (header, received), self.state.registrations:
             fmt = UPLOAD_FORMATS.get(header.format)
             record = await asyncio.to_thread(
-                registry.register, header.name, received, fmt, dict(header.metadata)
+                registry.register, header.name, received, fmt, dict(header.metadata), public=header.public
             )
-        return adapter_message(record, *registry.state(record.name))
+        return adapter_message(record, *runtime.adapter_state(record))
 
     @mapped_errors
     async def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: Any
     ) -> adapters_pb2.ListAdaptersResponse:
-        registry = self.state.require().registry
+        runtime = self.state.require()
+        registry = runtime.registry
         size, after = page_size(request), page_after(request.page_token)
-        records = await asyncio.to_thread(registry.store.records_page, after, size + 1)
-        return adapters_page(records, size, lambda r: adapter_message(r, *registry.state(r.name)))
+        records = await asyncio.to_thread(registry.records_page, after, size + 1)
+        return adapters_page(records, size, lambda r: adapter_message(r, *runtime.adapter_state(r)))
 
     @mapped_errors
     async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest, context: Any) -> adapters_pb2.Adapter:
-        registry = self.state.require().registry
+        runtime = self.state.require()
+        registry = runtime.registry
         record = await asyncio.to_thread(registry.get, validate_name(request.name))
-        return adapter_message(record, *registry.state(record.name))
+        return adapter_message(record, *runtime.adapter_state(record))
 
     @mapped_errors
     async def DeleteAdapter(
         self, request: adapters_pb2.DeleteAdapterRequest, context: Any
     ) -> adapters_pb2.DeleteAdapterResponse:
-        registry = self.state.require().registry
-        await asyncio.to_thread(registry.delete, validate_name(request.name))
+        runtime = self.state.require()
+        await asyncio.to_thread(runtime.delete_adapter, validate_name(request.name))
         return adapters_pb2.DeleteAdapterResponse()

@@ -289,7 +289,9 @@ class PostgresStore(AdapterStore):
         placeholders = ", ".join(["%s"] * len(record.row()))
         with self._bulk_transaction() as conn:
             if limits is not None:  # serialized per tenant until this transaction ends
-                conn.execute("SELECT pg_advisory_xact_lock(%s::int, hashtext(%s))", (_QUOTA_LOCK, record.owner))
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s::int, hashtext(%s))", (_QUOTA_LOCK, record.owner)
+                )
                 used = conn.execute(USAGE_SQL.format(table="deft_adapters"), (record.owner,)).fetchone()
                 limits.check_storage(*_usage(used), record.size_bytes)
             inserted = conn.execute(

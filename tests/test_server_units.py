@@ -70,6 +70,8 @@ EXPECTED = {
     "QueueFull": CODE.RESOURCE_EXHAUSTED,
     "UploadTooLarge": CODE.RESOURCE_EXHAUSTED,
     "DiskFull": CODE.RESOURCE_EXHAUSTED,
+    "QuotaExceeded": CODE.RESOURCE_EXHAUSTED,  # a tenant's quota (deft_server.tenants)
+    "NotPermitted": CODE.PERMISSION_DENIED,  # e.g. a public adapter without an admin key
     "EngineDraining": CODE.UNAVAILABLE,
     "NotReady": CODE.UNAVAILABLE,
     "RegistryUnavailable": CODE.UNAVAILABLE,
@@ -362,13 +364,15 @@ def test_the_largest_accepted_values_pass():
 
 
 def test_page_tokens_round_trip_and_forged_ones_are_refused():
-    assert page_after("") == "" and page_after(page_token("dog-v2.1")) == "dog-v2.1"
+    assert page_after("") == "" and page_after(page_token("dog-v2.1")) == "_public/dog-v2.1"
+    assert page_after(page_token("alice/dog")) == "alice/dog"  # after a tenant's adapter
     forged = [
         "!!!",
         "é",
         "x" * 100_000,
         base64.urlsafe_b64encode(b"after:dog").decode(),  # not our prefix
-        page_token("a/b"),  # our prefix, not a name
+        page_token("a/b/c"),  # our prefix, not a name
+        page_token("_x/b"),  # not a tenant
         page_token("n" * 129),
         page_token("dog")[:-2],  # truncated
     ]
@@ -396,13 +400,13 @@ def test_a_page_stops_at_its_size_or_its_byte_budget_and_says_where_to_go_on():
     records = [_record(f"a{i:03}") for i in range(6)]
     page = adapters_page(records, 5, _describe)  # the store returns size + 1 when more follow
     assert [a.name for a in page.adapters] == [f"a{i:03}" for i in range(5)]
-    assert page_after(page.next_page_token) == "a004"
+    assert page_after(page.next_page_token) == "_public/a004"
     last = adapters_page(records[:3], 5, _describe)
     assert len(last.adapters) == 3 and last.next_page_token == ""
     heavy = [_record(f"h{i}", metadata_bytes=300 << 10) for i in range(8)]  # legacy, pre-limit metadata
     page = adapters_page(heavy, 100, _describe)
     assert 0 < len(page.adapters) < 8 and page.ByteSize() <= MAX_PAGE_BYTES
-    assert page_after(page.next_page_token) == page.adapters[-1].name
+    assert page_after(page.next_page_token) == "_public/" + page.adapters[-1].name
 
 
 # ---------------------------------------------------------------------------- upload stream bounds

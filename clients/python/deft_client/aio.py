@@ -95,13 +95,14 @@ class AsyncDeftClient:
         path: str | os.PathLike[str],
         *,
         metadata: Mapping[str, str] | None = None,
+        public: bool = False,
         timeout: float | None = None,
     ) -> AdapterInfo:
         try:
             check_upload_path(path)
         except OSError as e:
             raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {e}") from e
-        chunks = _off_loop(upload_chunks(name, path, metadata))
+        chunks = _off_loop(upload_chunks(name, path, metadata, public))
         reply = await self._call(self._adapters.RegisterAdapter, chunks, timeout)
         return AdapterInfo.from_message(reply)
 

@@ -93,14 +93,16 @@ class DeftClient:
         path: str | os.PathLike[str],
         *,
         metadata: Mapping[str, str] | None = None,
+        public: bool = False,
         timeout: float | None = None,
     ) -> AdapterInfo:
-        """Upload and register an adapter: a PEFT directory, a ``.safetensors`` LoRA file, or a deft file."""
+        """Upload and register an adapter: a PEFT directory, a ``.safetensors`` LoRA file, or a deft file
+        (``public``: usable by every tenant; needs an admin key)."""
         try:
             check_upload_path(path)
         except OSError as e:
             raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {e}") from e
-        chunks = upload_chunks(name, path, metadata)
+        chunks = upload_chunks(name, path, metadata, public)
         return AdapterInfo.from_message(self._call(self._adapters.RegisterAdapter, chunks, timeout))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:

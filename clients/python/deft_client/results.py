@@ -28,6 +28,7 @@ class AdapterInfo:
     compiled_bytes: int
     metadata: dict[str, str] = field(default_factory=dict)
     state_reason: str = ""
+    owner: str = ""  # the tenant that registered it; "" for a public adapter
 
     @classmethod
     def from_message(cls, msg: adapters_pb2.Adapter) -> AdapterInfo:
@@ -46,6 +47,7 @@ class AdapterInfo:
             compiled_bytes=msg.compiled_bytes,
             metadata=dict(msg.metadata),
             state_reason=msg.state_reason,
+            owner=msg.owner,
         )
 
 

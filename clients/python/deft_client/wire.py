@@ -117,7 +117,10 @@ def check_upload_path(path: str | os.PathLike[str]) -> None:
 
 
 def upload_chunks(
-    name: str, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+    name: str,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    public: bool = False,
 ) -> Iterator[adapters_pb2.RegisterAdapterChunk]:
     """The ``RegisterAdapter`` stream for ``path``: a header with size and sha256, then the bytes."""
     with upload_source(path) as (source, size):
@@ -130,6 +133,7 @@ def upload_chunks(
             metadata=dict(metadata or {}),
             size_bytes=size,
             sha256=digest.hexdigest(),
+            public=public,
         )
         yield adapters_pb2.RegisterAdapterChunk(header=header)
         source.seek(0)

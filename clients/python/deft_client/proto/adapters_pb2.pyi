@@ -31,7 +31,7 @@ ADAPTER_STATE_RESIDENT: AdapterState
 ADAPTER_STATE_INCOMPATIBLE: AdapterState
 
 class AdapterUpload(_message.Message):
-    __slots__ = ("name", "format", "metadata", "size_bytes", "sha256")
+    __slots__ = ("name", "format", "metadata", "size_bytes", "sha256", "public")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,12 +44,14 @@ class AdapterUpload(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: UploadFormat
     metadata: _containers.ScalarMap[str, str]
     size_bytes: int
     sha256: str
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[UploadFormat, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    public: bool
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[UploadFormat, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., public: _Optional[bool] = ...) -> None: ...
 
 class RegisterAdapterChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -60,7 +62,7 @@ class RegisterAdapterChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[AdapterUpload, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "kind", "decomposition", "ranks", "target_count", "size_bytes", "sha256", "created_at", "state", "source_format", "metadata", "compiled_bytes", "state_reason")
+    __slots__ = ("name", "kind", "decomposition", "ranks", "target_count", "size_bytes", "sha256", "created_at", "state", "source_format", "metadata", "compiled_bytes", "state_reason", "owner")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +83,7 @@ class Adapter(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     COMPILED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     decomposition: str
@@ -94,7 +97,8 @@ class Adapter(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     compiled_bytes: int
     state_reason: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., decomposition: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., target_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., source_format: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., compiled_bytes: _Optional[int] = ..., state_reason: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., decomposition: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., target_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[AdapterState, str]] = ..., source_format: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., compiled_bytes: _Optional[int] = ..., state_reason: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
