@@ -75,6 +75,24 @@ def workload(args: argparse.Namespace, names: list[str]) -> list[str]:
     return [rng.choice(names) for _ in range(args.requests)]
 
 
+def _app_args(
+    mode: str, args: argparse.Namespace, registry: dict[str, str], metrics_base: int
+) -> dict[str, str]:
+    """``build_app`` arguments: the shared registry, tiny replicas on the CPU, ``routing=mode``."""
+    return {
+        **registry,
+        "model": "tiny-sdxl",
+        "device": "cpu",
+        "routing": mode,
+        "num_replicas": str(args.replicas),
+        "num_cpus": "0.5",
+        "max_adapter_sets": str(args.resident),
+        "max_resident_adapters": str(args.resident),
+        "metrics_port": str(metrics_base),
+        "log_level": "WARNING",
+    }
+
+
 def run_mode(
     mode: str, args: argparse.Namespace, registry: dict[str, str], names: list[str], address: str
 ) -> dict[str, Any]:
@@ -86,20 +104,7 @@ def run_mode(
     from ray import serve
 
     metrics_base = free_port()
-    app = build_app(
-        {
-            **registry,
-            "model": "tiny-sdxl",
-            "device": "cpu",
-            "routing": mode,
-            "num_replicas": str(args.replicas),
-            "num_cpus": "0.5",
-            "max_adapter_sets": str(args.resident),
-            "max_resident_adapters": str(args.resident),
-            "metrics_port": str(metrics_base),
-            "log_level": "WARNING",
-        }
-    )
+    app = build_app(_app_args(mode, args, registry, metrics_base))
     serve.run(app, name="deft", route_prefix="/")
     ports = [metrics_base + rank for rank in range(args.replicas)]
     before = [scrape(port) for port in ports]
