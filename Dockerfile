@@ -65,10 +65,14 @@ RUN apt-get update \
 COPY --from=build /opt/deft/venv /opt/deft/venv
 
 # Every `deft serve` flag has a DEFT_* variable (`deft serve --help`); override with `docker run -e`.
+# Without authentication beyond loopback deft refuses to start unless DEFT_INSECURE_NO_AUTH is set: the
+# image keeps today's open default for a private network; set DEFT_AUTH=keys (README "Multi-tenant
+# deployment") or DEFT_TOKEN for anything reachable by others.
 # Caches live on the data volume so a restart does not rebuild them.
 ENV PATH=/opt/deft/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DEFT_HOST=0.0.0.0 \
+    DEFT_INSECURE_NO_AUTH=true \
     DEFT_PORT=50051 \
     DEFT_METRICS_PORT=9400 \
     DEFT_DATA_DIR=/data \
