@@ -82,9 +82,10 @@ class ServingRuntime:
     def submit(self, job: GenerationRequest, on_event: EventCallback) -> RequestHandle:
         """Queue ``job`` for the calling tenant (blocking: registry look-ups): its adapter names resolved
         to the tenant's (or public) adapters, within the tenant's concurrency and rate quotas, which it
-        holds until the request ends."""
+        holds until the request ends; the engine admits it fairly among tenants (by ``--weight``)."""
         tenant = current_tenant()
-        job = replace(job, adapters=self.registry.qualify(job.adapters, tenant))
+        adapters = self.registry.qualify(job.adapters, tenant)
+        job = replace(job, adapters=adapters, tenant=tenant.id, weight=tenant.limits.weight)
         release = self.limiter.admit(tenant)
         try:
             handle = self.engine.submit(job, on_event=on_event)

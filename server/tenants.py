@@ -100,6 +100,11 @@ def current_tenant() -> Tenant:
     return _current.get()
 
 
+def enter(tenant: Tenant) -> None:
+    """Act as ``tenant`` for the rest of the running task (an HTTP request's, which ends with it)."""
+    _current.set(tenant)
+
+
 @contextlib.contextmanager
 def acting_as(tenant: Tenant) -> Iterator[Tenant]:
     """Run the block as ``tenant`` (the interceptor wraps each handler in this)."""

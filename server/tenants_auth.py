@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from deft_server.auth import OPEN_PREFIXES, TokenAuth, _denying
-from deft_server.tenants import Tenant, acting_as
+from deft_server.tenants import Tenant, acting_as, enter
 
 from deft_runtime.errors import DeftError
 
@@ -118,6 +118,33 @@ class KeyAuth(grpc.aio.ServerInterceptor):
         if self._resolver is None and (store := self._store()) is not None:
             self._resolver = KeyResolver(store)
         return self._resolver
+
+
+class HttpKeyCheck:
+    """The HTTP API's ``--auth keys`` dependency: the same key check, then the rest of the request
+    (its task) acts as the key's tenant. ``store()`` as for :class:`KeyAuth`."""
+
+    def __init__(self, store: Callable[[], AdapterStore | None]) -> None:
+        self._store = store
+        self._resolver: KeyResolver | None = None
+
+    async def __call__(self, request: Any) -> None:
+        from deft_server.http_api.errors import StatusError
+
+        def refusal(code: grpc.StatusCode, message: str) -> StatusError:
+            return StatusError.http_only(code, message, code.name)
+
+        given = request.headers.getlist("authorization")
+        if len(given) != 1 or not given[0].startswith("Bearer "):
+            raise refusal(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY if not given else INVALID_KEY)
+        if self._resolver is None and (store := self._store()) is not None:
+            self._resolver = KeyResolver(store)
+        if self._resolver is None:
+            raise refusal(grpc.StatusCode.UNAVAILABLE, LOADING)
+        tenant = await asyncio.to_thread(self._resolver.resolve, given[0].removeprefix("Bearer "))
+        if tenant is None:
+            raise refusal(grpc.StatusCode.UNAUTHENTICATED, INVALID_KEY)
+        enter(tenant)  # this request's task: the endpoint and the threads it starts see it
 
 
 def _acting(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMethodHandler:

@@ -270,3 +270,27 @@ def test_concurrent_registrations_cannot_overshoot_the_count_quota(server, files
     for t in threads:
         t.join(120)
     assert sorted(outcomes) == ["RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED", "ok", "ok"]
+
+
+def _http_get(url: str, key: str | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_the_http_api_checks_keys_and_scopes_by_tenant(server, keys, files):
+    with DeftClient(server.address, token=keys["alice"]) as alice:
+        alice.register_adapter("http-only-alice", files[1])
+    url = f"{server.http_url}/v1/adapters/http-only-alice"
+    status, body = _http_get(url, keys["alice"])
+    assert status == 200 and body["id"] == "http-only-alice"
+    assert _http_get(url, keys["bob"])[0] == 404
+    assert _http_get(url)[0] == 401 and _http_get(url, "deft_forged")[0] == 401
+    status, models = _http_get(f"{server.http_url}/v1/models", keys["bob"])
+    assert status == 200 and not any("http-only-alice" in m["id"] for m in models["data"])

@@ -2,7 +2,9 @@
 
 Requests move ``queued → pending (prompts encoded, adapter lease loading) → active → finished``:
 
-- :meth:`RequestScheduler.submit` (any thread) queues a request under its server id, FCFS, bounded;
+- :meth:`RequestScheduler.submit` (any thread) queues a request under its server id, bounded; the queue
+  is fair across tenants (``request.tenant``, weighted by ``request.weight``; :mod:`.fair_queue`) and
+  first come, first served within one;
 - :meth:`schedule` (engine thread) drops cancelled queued requests, admits waiting ones (bounded
   concurrency; ``static`` admission waits for the whole batch to finish), promotes pending requests whose
   adapter leases are ready, fails cancelled and expired ones, and lets the pure planner
@@ -18,12 +20,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from deft_runtime.engine.fair_queue import FairQueue
 from deft_runtime.engine.families import ModelFamily
 from deft_runtime.engine.leases import AdapterLease, LeaseState, PinPool
 from deft_runtime.engine.observer import EngineObserver
@@ -74,7 +76,7 @@ class RequestScheduler:
         self.static = static
         self.retry_wait_s = retry_wait_s
         self.wake = threading.Event()
-        self._waiting: queue.Queue[TrackedRequest] = queue.Queue()  # FIFO; cancelled ones purged in place
+        self._waiting: FairQueue[TrackedRequest] = FairQueue()  # fair across tenants, FIFO within one
         self._n_waiting = 0
         self._pending: list[TrackedRequest] = []  # admitted: being prepared, or adapters loading
         self._active: dict[str, TrackedRequest] = {}  # by server id
@@ -99,7 +101,7 @@ class RequestScheduler:
         deadline = now + request.deadline_s if request.deadline_s else None
         r = TrackedRequest(handle, request, on_event, now, deadline)
         r.emit(GenerationEvent(EventKind.QUEUED, r.public_id, queue_position=position))
-        self._waiting.put(r)
+        self._waiting.put(r, request.tenant, request.weight, _cost(request))
         self.wake.set()
         return handle
 
@@ -114,6 +116,11 @@ class RequestScheduler:
     @property
     def running(self) -> int:
         return len(self._active)
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted requests not finished yet (pending or active)."""
+        return len(self._active) + len(self._pending)
 
     # ------------------------------------------------------------------ engine thread: schedule
 
@@ -131,14 +138,9 @@ class RequestScheduler:
     def _drop_cancelled_waiting(self) -> None:
         """Cancelled requests leave the queue at the next step, not when admission reaches them: while
         every active slot is busy they would otherwise hold queue places (and count as waiting)."""
-        with self._waiting.mutex:
-            queued = self._waiting.queue
-            dropped = [r for r in queued if r.handle.cancelled]
-            if not dropped:
-                return
-            kept = [r for r in queued if not r.handle.cancelled]
-            queued.clear()
-            queued.extend(kept)
+        dropped = self._waiting.remove_if(lambda r: r.handle.cancelled)
+        if not dropped:
+            return
         with self._lock:
             self._n_waiting -= len(dropped)
         for r in dropped:
@@ -150,9 +152,8 @@ class RequestScheduler:
             return []  # whole-request batching: wait until the current batch has finished
         rows, admitted = 0, []
         for _ in range(admit_count(self._n_waiting, in_flight, self.max_active)):
-            try:
-                r = self._waiting.get_nowait()
-            except queue.Empty:
+            r = self._waiting.pop()
+            if r is None:
                 break
             with self._lock:
                 self._n_waiting -= 1
@@ -257,22 +258,21 @@ class RequestScheduler:
         if not r.handle.future.done():
             r.handle.future.set_exception(error)
 
-    def fail_in_flight(self, make_error: Callable[[], BaseException]) -> int:
-        """Fail every admitted request (after an engine error); returns how many."""
-        victims = [*self._active.values(), *self._pending]
-        for r in victims:
+    def fail_in_flight(self, make_error: Callable[[], BaseException]) -> None:
+        """Fail every admitted request (after an engine error)."""
+        for r in [*self._active.values(), *self._pending]:
             self._finish_error(r, make_error(), "error")
-        return len(victims)
 
     def fail_everything(self, make_error: Callable[[], BaseException]) -> None:
         """Fail admitted and queued requests (the engine stopped)."""
         self.fail_in_flight(make_error)
-        while True:
-            try:
-                r = self._waiting.get_nowait()
-            except queue.Empty:
-                break
+        while (r := self._waiting.pop()) is not None:
             self._finish_error(r, make_error(), "error")
+
+
+def _cost(request: GenerationRequest) -> float:
+    """A request's work for fair admission: images × denoising steps (resolved at submission)."""
+    return float(request.num_images * (request.num_inference_steps or 1))
 
 
 def _not_finite(r: TrackedRequest) -> GenerationFailed:

@@ -61,6 +61,8 @@ class GenerationRequest:
     preview_every_n_steps: int = 0
     deadline_s: float | None = None
     request_id: str = ""
+    tenant: str = ""  # who asked (set by the server, not the client): admission is fair across tenants
+    weight: float = 1.0  # the tenant's fair-share weight (> 0)
 
     def validate(self) -> None:
         """Structural checks that need no model (the engine checks sizes against the model)."""
@@ -81,6 +83,8 @@ class GenerationRequest:
             raise InvalidRequest("preview_every_n_steps must be ≥ 0")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise InvalidRequest("deadline_s must be > 0")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise InvalidRequest(f"weight must be a finite number > 0, got {self.weight}")
         for name, weight in self.adapters:
             if not math.isfinite(weight):
                 raise InvalidRequest(f"adapter {name!r}: weight must be a finite number, got {weight}")

@@ -11,6 +11,7 @@ from deft_server.config import ServerSettings
 from deft_server.http_api.errors import StatusError, error_body, error_response
 from deft_server.http_api.routes import Routes
 from deft_server.service import GenerationService, ServerState
+from deft_server.tenants_auth import HttpKeyCheck
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -41,6 +42,18 @@ def token_check(settings: ServerSettings) -> Callable[[Request], None]:
     return authorize
 
 
+def auth_check(settings: ServerSettings, state: ServerState) -> Callable[..., Any]:
+    """``--auth keys``: the tenant key check (the request then acts as the key's tenant); else the token."""
+    if settings.auth_mode != "keys":
+        return token_check(settings)
+    check = HttpKeyCheck(lambda: state.runtime.registry.store if state.runtime is not None else None)
+
+    async def authorize(request: Request) -> None:
+        await check(request)
+
+    return authorize
+
+
 def _handlers() -> dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]]:
     async def status(request: Request, e: Exception) -> Response:
         return error_response(e if isinstance(e, StatusError) else StatusError.of(e))
@@ -67,7 +80,7 @@ def build_app(settings: ServerSettings, state: ServerState, generation: Generati
         redoc_url=None,
         exception_handlers=_handlers(),
     )
-    app.include_router(routes.router(), dependencies=[Depends(token_check(settings))])
+    app.include_router(routes.router(), dependencies=[Depends(auth_check(settings, state))])
     app.include_router(routes.open_router())
     app.mount("/static", StaticFiles(packages=[("deft_server", "static")]), name="static")
     if settings.cors_origin:
