@@ -182,6 +182,16 @@ def test_adapter_changes_the_image(sdxl_engine):
     assert np.abs(plain - dog).max() > 10 / 255
 
 
+def test_a_request_prepares_the_backend_metadata_once_for_all_its_steps(sdxl_engine):
+    """Consecutive steps of the same request repeat the mapping: the backend skips re-preparing it
+    (a weight no other test uses, so the first step's mapping is new)."""
+    ops = sdxl_engine.model.ops
+    before = ops.metadata_updates
+    request = GenerationRequest(prompt="a dog", adapters=(("dog", 0.625),), num_inference_steps=6, seed=4)
+    assert sdxl_engine.generate(request, timeout=60).steps == 6
+    assert ops.metadata_updates - before == 1
+
+
 def test_second_scheduler_matches_diffusers(sdxl_adapters):
     def dpm_pipe(seed):
         pipe = build_tiny_sdxl(seed)

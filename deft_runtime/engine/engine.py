@@ -172,8 +172,8 @@ class Engine:
             failure.__cause__ = cause
             return failure
 
-        try:
-            self.model.batch.clear()
-        finally:
-            n = self.scheduler.fail_in_flight(error)
-            log.error("engine iteration failed; %d in-flight requests failed", n, exc_info=cause)
+        # logged before the requests fail, so the log has it by the time a client sees the error
+        n = self.scheduler.in_flight
+        log.error("engine iteration failed; failing %d in-flight requests", n, exc_info=cause)
+        self.model.batch.clear()
+        self.scheduler.fail_in_flight(error)
