@@ -294,3 +294,39 @@ def test_the_http_api_checks_keys_and_scopes_by_tenant(server, keys, files):
     assert _http_get(url)[0] == 401 and _http_get(url, "deft_forged")[0] == 401
     status, models = _http_get(f"{server.http_url}/v1/models", keys["bob"])
     assert status == 200 and not any("http-only-alice" in m["id"] for m in models["data"])
+
+
+def test_tenants_across_replicas_sharing_postgresql(server_factory, make_postgres_db, files, tmp_path):
+    """Keys, ownership, the count quota and revocation hold across two replicas of one registry."""
+    url = make_postgres_db()
+    one = server_factory.start("--auth", "keys", "--registry", url)
+    two = server_factory.start("--auth", "keys", "--registry", url)
+    cli_dir = tmp_path / "cli"
+
+    def keys_cli(*args: str) -> str:
+        result = runner.invoke(app, ["keys", *args, "--data-dir", str(cli_dir), "--registry", url])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    alice = keys_cli("create", "alice", "--max-adapters", "1").strip().splitlines()[-1]
+    bob = keys_cli("create", "bob").strip().splitlines()[-1]
+    with (
+        DeftClient(one.address, token=alice) as alice_one,
+        DeftClient(two.address, token=alice) as alice_two,
+        DeftClient(two.address, token=bob) as bob_two,
+    ):
+        alice_one.register_adapter("dog", files[1])
+        assert [(i.owner, i.name) for i in alice_two.list_adapters()] == [("alice", "dog")]
+        full = _refused(alice_two.register_adapter, "cat", files[2])  # the quota counts both replicas
+        assert full.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "max_adapters=1" in full.message
+        assert _refused(bob_two.get_adapter, "dog").code is grpc.StatusCode.NOT_FOUND
+        alice_two.generate("x", adapters=["dog"], steps=1, seed=1)
+        keys_cli("revoke", alice.split("_")[1])
+        time.sleep(1.05)
+        for client in (alice_one, alice_two):
+            assert _refused(client.list_adapters).code is grpc.StatusCode.UNAUTHENTICATED
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        actions = [row[0] for row in conn.execute("SELECT action FROM deft_audit ORDER BY id")]
+    assert actions.count("key.create") == 2 and "key.revoke" in actions and "auth.fail" in actions
