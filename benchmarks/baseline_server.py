@@ -67,6 +67,7 @@ from deft_runtime.engine import (
     RequestHandle,
 )
 from deft_runtime.engine.families import GenerationDefaults
+from deft_runtime.engine.request_state import new_server_id
 from deft_runtime.errors import AdapterIncompatible, AdapterNotFound, DeftError, InvalidRequest
 from deft_runtime.formats import load_adapter, save_adapter
 from deft_runtime.formats.peft import PEFT_WRITABLE_MODES
@@ -301,7 +302,7 @@ class PipelineWorker:
         request = self._resolve(request)
         adapter = self._adapter_of(request)
         entry = self.registry.pin(adapter) if adapter else None
-        handle = RequestHandle(request.request_id)
+        handle = RequestHandle(new_server_id(), request.request_id)
         job = Job(
             request, on_event, handle, time.monotonic(), adapter=adapter, path=entry.path if entry else None
         )
