@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import time
 from pathlib import Path
@@ -194,6 +195,31 @@ def test_pattern_lookup_agrees_with_peft():
     for name in NAMES:
         key = get_pattern_key(PATTERNS, name)
         assert table.lookup(name) == (PATTERNS.index(key) if key in PATTERNS else None), name
+
+
+def _random_regex(rng: random.Random, depth: int = 0) -> str:
+    atoms = ["a", "b", ".", r"\.", "[ab]", "[^a]", r"\d", r"\w", "[a-c.]", "x", "^", "$", r"\A", r"\Z"]
+    r = rng.random()
+    if depth > 3 or r < 0.35:
+        return rng.choice(atoms)
+    if r < 0.55:
+        return _random_regex(rng, depth + 1) + _random_regex(rng, depth + 1)
+    if r < 0.7:
+        return f"({_random_regex(rng, depth + 1)}|{_random_regex(rng, depth + 1)})"
+    return f"(?:{_random_regex(rng, depth + 1)}){rng.choice(['*', '+', '?', '{2}', '{0,2}', '{1,}', '*?'])}"
+
+
+def test_the_nfa_agrees_with_re_on_random_regexes():
+    """Differential test: 300 random regexes (groups, alternation, nested quantifiers, anchors) over
+    short names, where ``re``'s backtracking is still cheap, give ``re``'s answer."""
+    rng = random.Random(0)
+    names = ["".join(rng.choice("ab.x1\n") for _ in range(rng.randint(0, 9))) for _ in range(40)]
+    for _ in range(300):
+        pattern = _random_regex(rng)
+        table = PatternTable.parse({pattern: 1}, "rank_pattern")
+        for name in names:
+            expected = re.match(rf"(.*\.)?({pattern})$", name) is not None
+            assert (table.lookup(name) == 1) == expected, (pattern, name)
 
 
 def test_a_thousand_literal_patterns_over_a_thousand_modules_is_fast():
