@@ -15,6 +15,7 @@ SUITES = {
     "memory": "benchmarks.memory",
     "registry": "benchmarks.registry",
     "ray-affinity": "benchmarks.ray_affinity",
+    "fairness": "benchmarks.fairness",
 }
 
 

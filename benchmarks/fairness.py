@@ -1,0 +1,172 @@
+"""Fairness suite: a tenant flooding the queue against a tenant with a modest load.
+
+Tenant B sends a modest Poisson load; tenant A sends ``--flood`` times as many requests over the same
+period (far above its share). The same traces are replayed against one engine configuration with the
+admission queue fair across tenants (requests labelled by tenant, as the server labels them) and with
+plain first come, first served (no labels: one FIFO). Reported: B's p50/p99 latency alone, under the
+flood with fair admission, and under the flood with FCFS, and the total throughput of both; the
+targets are ``B p99 under flood (fair) / B p99 alone ≤ 1.5`` and ``throughput fair / FCFS ≥ 0.95``.
+A latency CDF of B's requests is drawn. The engine is the tiny SDXL of ``benchmarks.engine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, run_suite
+from benchmarks.engine import build_engine
+from deft_runtime.engine import Engine, GenerationRequest
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float
+    tenant: str
+    seed: int
+
+
+def poisson(tenant: str, n: int, rate: float, seed: int) -> list[Arrival]:
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1.0 / rate, size=n))
+    return [Arrival(float(t), tenant, seed * 10_000 + i) for i, t in enumerate(times)]
+
+
+def replay(
+    engine: Engine, trace: list[Arrival], steps: int, fair: bool
+) -> tuple[dict[str, list[float]], float]:
+    """Open-loop replay; latencies per tenant and the wall time until the last request finished."""
+    trace = sorted(trace, key=lambda a: a.at)
+    latencies: dict[str, list[float]] = {a.tenant: [] for a in trace}
+    lock, done = threading.Lock(), threading.Semaphore(0)
+    start = time.perf_counter()
+    for a in trace:
+        if (delay := start + a.at - time.perf_counter()) > 0:
+            time.sleep(delay)
+        submitted = time.perf_counter()
+        request = GenerationRequest(
+            f"concept {a.seed}", num_inference_steps=steps, seed=a.seed, tenant=a.tenant if fair else ""
+        )
+
+        def finished(fut: Any, tenant: str = a.tenant, t0: float = submitted) -> None:
+            if fut.exception() is None:
+                with lock:
+                    latencies[tenant].append(time.perf_counter() - t0)
+            done.release()
+
+        engine.submit(request).future.add_done_callback(finished)
+    for _ in trace:
+        done.acquire(timeout=600)
+    return latencies, time.perf_counter() - start
+
+
+def stats(latencies: list[float]) -> dict[str, float]:
+    xs = np.array(latencies)
+    return {"n": int(xs.size), "p50_s": float(np.percentile(xs, 50)), "p99_s": float(np.percentile(xs, 99))}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    config = {"admission": "continuous", "max_active": args.max_active}
+    engine, _ = build_engine(config, 1, args.max_batch_rows)
+    try:
+        engine.generate(GenerationRequest("warm-up", num_inference_steps=args.steps, seed=0), timeout=300)
+        t0 = time.perf_counter()
+        engine.generate(GenerationRequest("calibrate", num_inference_steps=args.steps, seed=1), timeout=300)
+        service = time.perf_counter() - t0
+        rate_b = args.load / service
+        light = poisson("B", args.requests, rate_b, 1)
+        flood = poisson("A", args.requests * args.flood, rate_b * args.flood, 2)
+        alone, _ = replay(engine, light, args.steps, fair=True)
+        runs = {"fair": replay(engine, light + flood, args.steps, fair=True)}
+        runs["fcfs"] = replay(engine, light + flood, args.steps, fair=False)
+    finally:
+        engine.shutdown()
+    rows = [{"run": "B alone", **stats(alone["B"])}]
+    for name, (lat, wall) in runs.items():
+        total = sum(len(v) for v in lat.values())
+        rows.append({"run": f"B under flood, {name}", **stats(lat["B"]), "throughput_img_s": total / wall})
+    fair_row, fcfs_row = rows[1], rows[2]
+    ratios = {
+        "B p99 flood (fair) / alone": fair_row["p99_s"] / rows[0]["p99_s"],
+        "B p99 flood (fcfs) / alone": fcfs_row["p99_s"] / rows[0]["p99_s"],
+        "throughput fair / fcfs": fair_row["throughput_img_s"] / fcfs_row["throughput_img_s"],
+    }
+    curves = {"alone": alone["B"], "fair": runs["fair"][0]["B"], "fcfs": runs["fcfs"][0]["B"]}
+    plot = RESULTS_DIR / f"{args.out}-b-latency-cdf.png"
+    plot_cdf(curves, plot)
+    return {
+        "single_request_service_s": service,
+        "rate_b_req_s": rate_b,
+        "rows": rows,
+        "ratios": ratios,
+        "plot": plot.name,
+    }
+
+
+def plot_cdf(curves: dict[str, list[float]], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, lat in curves.items():
+        xs = np.sort(np.array(lat))
+        ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+    ax.set_title("tenant B latency CDF")
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("fraction of B's requests")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
+    return (
+        f"# fairness (tiny-sdxl, B: {args.requests} requests at {payload['rate_b_req_s']:.2f} req/s, "
+        f"A: {args.flood}x that, {args.steps} steps, max_active {args.max_active})\n\n"
+        + markdown_table(payload["rows"], ["run", "n", "p50_s", "p99_s", "throughput_img_s"])
+        + "\n\n"
+        + markdown_table([payload["ratios"]], list(payload["ratios"]))
+        + f"\n\n![B latency CDF]({payload['plot']})\n"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks fairness", description=__doc__)
+    parser.add_argument("--requests", type=int, default=10, help="tenant B's requests")
+    parser.add_argument("--flood", type=int, default=10, help="tenant A's load as a multiple of B's")
+    parser.add_argument(
+        "--load", type=float, default=0.3, help="B's load as a fraction of one request's service rate"
+    )
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-active", type=int, default=4)
+    parser.add_argument("--max-batch-rows", type=int, default=8)
+    parser.add_argument("--out", default="fairness-tiny-sdxl")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    return run_suite(
+        "fairness",
+        args.out,
+        lambda _workdir: measure(args),
+        machine=lambda: machine_info(torch.device("cpu")),
+        params=vars(args),
+        report=lambda _name, payload: report(args, payload),
+    )
+
+
+if __name__ == "__main__":
+    main()
