@@ -11,6 +11,7 @@ import base64
 import io
 from pathlib import Path
 
+import httpx2
 import numpy as np
 import pytest
 from deft_client import DeftClient
@@ -104,8 +105,6 @@ def test_generate_with_an_adapter_shows_previews_then_the_image(browser, server,
     assert (tmp_path / "playground.png").stat().st_size > 0
 
     # the page sent what it showed: the same request over the API gives the same pixels
-    import httpx2
-
     body = {"prompt": browser.find_element(By.ID, "prompt").get_attribute("value"), "size": "64x64"}
     body |= {"steps": STEPS, "seed": 0, "guidance_scale": 5.0, "adapters": [{"name": "ink", "weight": 0.75}]}
     reply = httpx2.post(
