@@ -132,10 +132,15 @@ def test_polynomial_regex_in_alpha_pattern_is_linear(tmp_path):
     assert error is None and cpu < 0.5, f"{cpu:.2f} s, {error!r}"
 
 
+_RNG = random.Random(5)
+#: 4096 plain keys of 4096 different (width, wildcard positions): no bucketing helps, the budget must
+_SCATTERED_KEYS = ["".join(_RNG.choice("ab.") for _ in range(_RNG.randint(1, 250))) for _ in range(4096)]
+
+
 @pytest.mark.parametrize(
     ("keys", "names"),
     [
-        ([f"k{i:04d}" for i in range(4096)], ["." * 10 + str(i) for i in range(1000)]),  # plain keys
+        (_SCATTERED_KEYS, ["." * 300 + str(i) for i in range(1000)]),  # plain keys
         ([f"(a|b)*{i}x" for i in range(4096)], ["ab" * 500 + str(i) for i in range(1000)]),  # NFA keys
     ],
     ids=["4096-plain-keys", "4096-regex-keys"],
@@ -220,6 +225,25 @@ def test_the_nfa_agrees_with_re_on_random_regexes():
         for name in names:
             expected = re.match(rf"(.*\.)?({pattern})$", name) is not None
             assert (table.lookup(name) == 1) == expected, (pattern, name)
+
+
+def test_the_plain_key_index_agrees_with_peft():
+    """Tables of plain keys (literals, ``.`` wildcards, ``\\.``) resolve to PEFT's first matching key."""
+    from peft.utils.other import get_pattern_key
+
+    rng = random.Random(1)
+    for _ in range(200):
+        keys = list(
+            dict.fromkeys(
+                "".join(rng.choices(["a", "b", ".", "\\."], k=rng.randint(1, 4))) for _ in range(12)
+            )
+        )
+        table = PatternTable.parse({k: i for i, k in enumerate(keys)}, "alpha_pattern")
+        for _ in range(30):
+            name = "".join(rng.choices("ab.\n", k=rng.randint(0, 7)))
+            key = get_pattern_key(keys, name)
+            matched = key in keys and re.match(rf"(.*\.)?({key})$", name) is not None
+            assert table.lookup(name) == (keys.index(key) if matched else None), (keys, name)
 
 
 def test_a_thousand_literal_patterns_over_a_thousand_modules_is_fast():

@@ -3,7 +3,8 @@
 PEFT gives a module the value of the first key for which ``re.match(rf"(.*\\.)?({key})$", module)``
 matches. Run with Python's backtracking ``re``, an uploaded key costs exponential time (``(a|aa)*c``)
 or polynomial time (``.*.*.*…x``) in the name's length, so deft runs ``re`` only on *plain* keys
-(letters, digits, ``_``, ``-``, ``.`` and ``\\.``: a fixed-width suffix, one O(k) ``fullmatch``). Any
+(letters, digits, ``_``, ``-``, ``.`` and ``\\.``: a fixed-width suffix), and those are looked up in
+an index (one dict probe per group of keys with the same width and wildcard positions). Any
 other key is parsed by Python's own regex parser (the same syntax and errors as PEFT), compiled to a
 Thompson NFA and simulated one character at a time, memoising the state sets (a lazy DFA): the same
 answers as ``re`` with no backtracking at all. Constructs without an NFA (backreferences,
@@ -18,6 +19,7 @@ worst table costs about a second, while a diffusers file's hundreds of keys cost
 
 from __future__ import annotations
 
+import operator
 import re
 import re._constants as sre
 import re._parser as sre_parse
@@ -234,6 +236,59 @@ def _plain_matcher(key: str, budget: list[int]) -> Callable[[str], bool]:
     return match
 
 
+def _plain_atoms(key: str) -> list[str | None]:
+    """A plain key's characters, ``None`` for a raw ``.`` (any character but a newline)."""
+    atoms: list[str | None] = []
+    escaped = False
+    for c in key:
+        if escaped or c != "\\":
+            atoms.append(None if c == "." and not escaped else c)
+        escaped = c == "\\" and not escaped
+    return atoms
+
+
+class _PlainIndex:
+    """Plain keys bucketed by (width, wildcard positions): one dict probe a bucket, not a compare a key.
+
+    A name matches a key of width ``w`` when its last ``w`` characters, read at the key's
+    non-wildcard positions, equal the key's, and the character before them (if any) is ``.``. Only
+    for names without a newline (module names never hold one); :meth:`PatternTable.lookup` checks
+    the others key by key.
+    """
+
+    def __init__(self, budget: list[int]) -> None:
+        self.budget = budget
+        self.buckets: dict[
+            tuple[int, tuple[int, ...]], tuple[Callable[[str], object], dict[object, int]]
+        ] = {}
+
+    def add(self, index: int, key: str) -> None:
+        atoms = _plain_atoms(key)
+        wild = tuple(i for i, a in enumerate(atoms) if a is None)
+        if (len(atoms), wild) not in self.buckets:
+            keep = [i for i, a in enumerate(atoms) if a is not None]
+            getter: Callable[[str], object] = operator.itemgetter(*keep) if keep else str.__len__
+            self.buckets[(len(atoms), wild)] = (getter, {})
+        getter, first = self.buckets[(len(atoms), wild)]
+        first.setdefault(getter("".join(a or "." for a in atoms)), index)
+
+    def first_match(self, name: str) -> int | None:
+        """The smallest index of a key matching ``name`` (which holds no newline), or None."""
+        best, n = None, len(name)
+        for (width, _), (getter, first) in self.buckets.items():
+            start = n - width
+            self.budget[0] -= 4  # a bucket visited
+            if start < 0 or (start and name[start - 1] != "."):
+                continue
+            self.budget[0] -= 4 + width // 4  # a slice, a tuple and a hash of the suffix
+            index = first.get(getter(name[start:]))
+            if index is not None and (best is None or index < best):
+                best = index
+        if self.budget[0] < 0:
+            raise _Refused("budget")
+        return best
+
+
 def _compile_key(key: str, budget: list[int]) -> Callable[[str], bool]:
     """A matcher equivalent to ``re.match(rf"(.*\\.)?({key})$", name)``; raises re.error or _Refused."""
     if _PLAIN_KEY.fullmatch(key):
@@ -253,6 +308,8 @@ class PatternTable(Generic[T]):
     field: str
     entries: list[tuple[str, Callable[[str], bool], T]]
     budget: list[int]
+    plain: _PlainIndex
+    regex: list[tuple[int, Callable[[str], bool]]]  # the keys that are not plain, in order
 
     @classmethod
     def parse(
@@ -272,7 +329,13 @@ class PatternTable(Generic[T]):
             (key, cls._matcher(field, key, budget), convert(v, field_name(key, field)))
             for key, v in table.items()
         ]
-        return cls(field, entries, budget)
+        plain, regex = _PlainIndex(budget), []
+        for index, (key, matches, _) in enumerate(entries):
+            if _PLAIN_KEY.fullmatch(key):
+                plain.add(index, key)
+            else:
+                regex.append((index, matches))
+        return cls(field, entries, budget, plain, regex)
 
     @staticmethod
     def _matcher(field: str, key: str, budget: list[int]) -> Callable[[str], bool]:
@@ -293,7 +356,15 @@ class PatternTable(Generic[T]):
     def lookup(self, module: str) -> T | None:
         """The value of the first key matching ``module`` (as PEFT's ``get_pattern_key``), or None."""
         try:
-            return next((value for _, matches, value in self.entries if matches(module)), None)
+            if "\n" in module:  # never a real module name; checked key by key, still bounded
+                return next((value for _, matches, value in self.entries if matches(module)), None)
+            best = self.plain.first_match(module)
+            for index, matches in self.regex:
+                if best is not None and index > best:
+                    break
+                if matches(module):
+                    return self.entries[index][2]
+            return None if best is None else self.entries[best][2]
         except _Refused as e:
             raise AdapterFormatError(
                 f"{self.field}: matching its keys against the adapter's module names took more than "
