@@ -335,7 +335,7 @@ class DeftIngress:
         self.replicas = replicas
         self.affinity = routing == "affinity"
         self.token = BearerToken(token) if token else None
-        self.upload_limits = upload_limits or ServerSettings().upload_limits()
+        self.upload_limits = upload_limits or ServerSettings.model_validate({}).upload_limits()
 
     def _routing_id(self, request: generation_pb2.GenerateRequest) -> str:
         return request_set_id(request) if self.affinity else ""
