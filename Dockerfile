@@ -3,7 +3,7 @@
 # deft server image: `deft serve` on an NVIDIA CUDA runtime base.
 #
 #   docker build -t deft:latest .
-#   docker run --gpus all -p 50051:50051 -p 9400:9400 -v deft-data:/data deft:latest --model tiny-sdxl
+#   docker run --gpus all -p 50051:50051 -p 9400:9400 -p 8000:8000 -v deft-data:/data deft:latest --model tiny-sdxl
 #
 # The default torch (PyPI's torch==2.13.0) is built for CUDA 13.0 and needs an NVIDIA driver >= 580.
 # For an older driver, build against CUDA 12.8 instead:
@@ -75,6 +75,7 @@ ENV PATH=/opt/deft/venv/bin:$PATH \
     DEFT_INSECURE_NO_AUTH=true \
     DEFT_PORT=50051 \
     DEFT_METRICS_PORT=9400 \
+    DEFT_HTTP_PORT=8000 \
     DEFT_DATA_DIR=/data \
     DEFT_CACHE_DIR=/data/cache/models \
     HF_HOME=/data/cache/huggingface \
@@ -83,7 +84,7 @@ ENV PATH=/opt/deft/venv/bin:$PATH \
 USER deft:deft
 WORKDIR /home/deft
 VOLUME ["/data"]
-EXPOSE 50051 9400
+EXPOSE 50051 9400 8000
 
 # SIGTERM drains: new requests get UNAVAILABLE, in-flight ones get DEFT_GRACE_PERIOD seconds (30 by
 # default), then the server exits 0. Give `docker stop` a longer timeout: `docker stop -t 60`.

@@ -170,6 +170,7 @@ def test_service_exposes_grpc_and_metrics(rendered, overlay: str) -> None:
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert str(container_ports["metrics"]) == env["DEFT_METRICS_PORT"]
+    assert str(container_ports["http"]) == env["DEFT_HTTP_PORT"]  # the OpenAI-compatible API
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051 and ports["metrics"]["port"] == 9400
     for name, port in ports.items():
