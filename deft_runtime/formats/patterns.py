@@ -23,7 +23,7 @@ import operator
 import re
 import re._constants as sre
 import re._parser as sre_parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -370,9 +370,6 @@ class PatternTable(Generic[T]):
                 f"{self.field}: matching its keys against the adapter's module names took more than "
                 f"{MAX_MATCH_WORK} steps; use module names or simpler regexes"
             ) from e
-
-    def as_mapping(self) -> Mapping[str, T]:
-        return {key: value for key, _, value in self.entries}
 
 
 def _refusal(where: str, what: str) -> str:
