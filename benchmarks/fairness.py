@@ -88,7 +88,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         runs["fcfs"] = replay(engine, light + flood, args.steps, fair=False)
     finally:
         engine.shutdown()
-    rows = [{"run": "B alone", **stats(alone["B"])}]
+    rows: list[dict[str, Any]] = [{"run": "B alone", **stats(alone["B"])}]
     for name, (lat, wall) in runs.items():
         total = sum(len(v) for v in lat.values())
         rows.append({"run": f"B under flood, {name}", **stats(lat["B"]), "throughput_img_s": total / wall})
