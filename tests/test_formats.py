@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors.torch import save_file
 
 from deft_runtime.adapter import Adapter, AdapterKind, BaseFingerprint, Decomposition, LayerParams
@@ -132,6 +133,10 @@ def test_peft_lora_patterns_and_rslora(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {}}))
     with pytest.raises(AdapterFormatError, match="has rank 4, the config says 2"):
         load_adapter(d)
+    no_alpha = {k: v for k, v in config.items() if k not in ("lora_alpha", "alpha_pattern")}
+    (d / "adapter_config.json").write_text(json.dumps(no_alpha))  # PEFT fills in its own default
+    expected = LoraConfig.from_pretrained(str(d)).lora_alpha
+    assert load_adapter(d).layers["a.to_q"].scale == pytest.approx(expected / 2)
 
 
 def kohya_from_peft_lora(adapter: Adapter, alpha: float) -> dict[str, torch.Tensor]:

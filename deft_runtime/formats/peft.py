@@ -101,12 +101,17 @@ def lora_from_tensors(
     return layers
 
 
+#: ``peft.LoraConfig().lora_alpha``
+PEFT_DEFAULT_LORA_ALPHA = 8
+
+
 def lora_from_config(tensors: dict[str, torch.Tensor], config: Mapping[str, object]) -> Adapter:
     """A LoRA adapter from PEFT-style tensors and a LoraConfig (every field type-checked first)."""
     if flag(config.get("use_dora"), "'use_dora'"):
         raise AdapterFormatError("DoRA adapters (use_dora=true) are not low rank; deft cannot serve them")
     r_default = rank(config.get("r", 8), "'r'")
-    alpha_default = number(config.get("lora_alpha", r_default), "'lora_alpha'")
+    # absent: LoraConfig's own default (what PEFT and diffusers load such a config with), not r
+    alpha_default = number(config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA), "'lora_alpha'")
     rank_pattern = PatternTable.parse(config.get("rank_pattern"), "rank_pattern", rank)
     alpha_pattern = PatternTable.parse(config.get("alpha_pattern"), "alpha_pattern", number)
     use_rslora = flag(config.get("use_rslora"), "'use_rslora'")
