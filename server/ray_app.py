@@ -81,6 +81,7 @@ from deft_server.convert import generation_request
 from deft_server.errors import UploadTooLarge, to_status
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
+from deft_server.tenants import PUBLIC, pool_name
 from deft_server.upload_limits import bounded_chunks
 from google.protobuf.message import Message
 from prometheus_client import start_http_server
@@ -236,6 +237,7 @@ class DeftReplica:
     def _warm(self, names: tuple[str, ...]) -> None:
         """Load the set into the pool; an unregistered name fails here (NOT_FOUND, from the registry)."""
         pool = self.runtime.pool
+        names = tuple(pool_name(PUBLIC, n) for n in names)  # as the engine names them (public adapters)
         try:
             pool.acquire(names)  # loads (registry → host cache → device pages) and pins ...
             pool.release(names)  # ... then unpins: resident until the pool needs the room
