@@ -43,7 +43,7 @@ def inspect(
         adapter = load_adapter(path)
     except DeftError as e:
         raise fail(e) from e
-    console.print(f"[bold]{escape(str(path))}[/]: {adapter.describe()}")
+    console.print(f"[bold]{escape(str(path))}[/]: {adapter.describe()}", soft_wrap=True)  # never cut a path
     table = Table("layer", "rank", "scale", "tensors")
     for name, layer in sorted(adapter.layers.items()):
         shapes = ", ".join(f"{role}{list(t.shape)}" for role, t in layer.tensors().items())

@@ -44,15 +44,16 @@ RPC_TIMEOUT_S = 60.0
 TINY_STEPS = 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def unet() -> torch.nn.Module:
+    """A fresh tiny-sdxl UNet (tests wrap it in place)."""
     return build_tiny_sdxl(0).unet
 
 
 @pytest.fixture(scope="module")
-def adapter_files(tmp_path_factory, unet) -> list[Path]:
+def adapter_files(tmp_path_factory) -> list[Path]:
     """Three small DEFT adapters for tiny-sdxl, in deft's own format."""
-    shapes = BaseView(unet).layer_shapes
+    shapes = BaseView(build_tiny_sdxl(0).unet).layer_shapes
     root = tmp_path_factory.mktemp("fault-adapters")
     return [
         save_adapter(
