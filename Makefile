@@ -37,7 +37,7 @@ test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 serve: venv
-	$(VENV)/bin/deft serve --model tiny-sdxl
+	$(VENV)/bin/deft serve --model shapes-sdxl
 
 # Regenerate the gRPC stubs (clients/python/deft_client/proto) from protos/deft/v1/*.proto.
 protos: venv

@@ -16,6 +16,7 @@ SUITES = {
     "registry": "benchmarks.registry",
     "ray-affinity": "benchmarks.ray_affinity",
     "fairness": "benchmarks.fairness",
+    "quality-base": "benchmarks.quality_base",
 }
 
 

@@ -71,7 +71,7 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEFT_", frozen=True, extra="forbid")
 
     # --- what to serve, where
-    model: str = Field("tiny-sdxl", description="tiny-sdxl | tiny-omnigen | diffusers directory | hub id")
+    model: str = Field("shapes-sdxl", description="shapes-sdxl | tiny-sdxl | tiny-omnigen | diffusers directory | hub id")
     host: str = Field("127.0.0.1", description="address the gRPC, HTTP and metrics servers listen on")
     port: int = Field(50051, ge=1, le=65535, description="gRPC port")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0: off)")

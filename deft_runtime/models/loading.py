@@ -1,8 +1,8 @@
 """Resolve a model name to a loaded diffusers pipeline, and describe what was loaded.
 
-One entry point serves three kinds of name so the server, CLI and tests never special-case them:
-the built-in tiny models (built once, cached on disk as ordinary diffusers directories), local
-diffusers directories, and hub ids. Every failure surfaces as ``ModelLoadError`` naming what was
+One entry point serves four kinds of name so the server, CLI and tests never special-case them:
+the trained ``shapes-sdxl`` model shipped inside the package, the built-in tiny models (built once,
+cached on disk as ordinary diffusers directories), local diffusers directories, and hub ids. Every failure surfaces as ``ModelLoadError`` naming what was
 tried, so the server can report a bad ``--model`` precisely instead of as an internal error.
 """
 
@@ -17,11 +17,13 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # not the top level: see tiny.py
 
 from deft_runtime.errors import ModelLoadError
+from deft_runtime.models.shapes import SHAPES_MODEL_DIR, SHAPES_MODEL_NAME
 from deft_runtime.models.tiny import TINY_MODELS, ensure_omnigen_support
 
 __all__ = [
     "TINY_MODEL_VERSION",
     "architecture_of",
+    "builtin_model_names",
     "default_cache_dir",
     "denoiser_of",
     "ensure_tiny_model",
@@ -98,8 +100,21 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
+def builtin_model_names() -> list[str]:
+    """Every name ``load_pipeline`` resolves without a path or the hub."""
+    return [SHAPES_MODEL_NAME, *sorted(TINY_MODELS)]
+
+
 def _resolve(model: str, cache_dir: str | os.PathLike[str] | None) -> tuple[str, str]:
     """Map ``model`` to (what ``from_pretrained`` gets, a description of it for error messages)."""
+    if model == SHAPES_MODEL_NAME:
+        if not _is_saved_pipeline(SHAPES_MODEL_DIR):
+            raise ModelLoadError(
+                f"the {SHAPES_MODEL_NAME!r} weights are missing from this install ({SHAPES_MODEL_DIR} has "
+                "no model_index.json); reinstall deft, or train them with "
+                "`python -m deft_runtime.scenes.train_base --out DIR` and pass DIR/pipeline"
+            )
+        return str(SHAPES_MODEL_DIR), f"built-in trained model {SHAPES_MODEL_NAME!r}"
     if model in TINY_MODELS:
         return str(ensure_tiny_model(model, cache_dir)), f"built-in tiny model {model!r}"
     local = Path(model).expanduser()
@@ -109,7 +124,7 @@ def _resolve(model: str, cache_dir: str | os.PathLike[str] | None) -> tuple[str,
         kind = "is a file, not a diffusers directory" if local.exists() else "does not exist"
         raise ModelLoadError(
             f"model {model!r} looks like a local path but {kind}; pass a directory written by "
-            f"save_pretrained, a hub id such as 'org/name', or one of {sorted(TINY_MODELS)}"
+            f"save_pretrained, a hub id such as 'org/name', or one of {builtin_model_names()}"
         )
     return model, f"hub model {model!r}"
 
@@ -132,7 +147,7 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> DiffusionPipeline:
-    """Load ``model`` (tiny-model name, local diffusers directory, or hub id) onto ``device``.
+    """Load ``model`` (built-in name, local diffusers directory, or hub id) onto ``device``.
 
     Progress bars are disabled: a serving runtime would otherwise print one per request.
     """

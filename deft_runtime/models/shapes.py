@@ -6,7 +6,7 @@ CLIP text encoders, a ``UNet2DConditionModel`` with "text_time" micro-conditioni
 and committed under ``deft_runtime/models/shapes_sdxl/``. This module builds the untrained
 pipeline the recipe starts from, and resolves the committed directory.
 
-Geometry: 64x64 images, VAE factor 8, so the UNet denoises 4x8x8 latents (two levels, 8x8 and 4x4).
+Geometry: 64x64 images, VAE factor 8, so the UNet denoises 8x8x8 latents (two levels, 8x8 and 4x4).
 Tokenizers: real ``CLIPTokenizer``s whose BPE merges turn every word of the scene language into a
 single token; any other word (a personalisation trigger such as ``sks``) still tokenizes, byte by
 byte, so adapters can learn new words.
@@ -19,14 +19,13 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
-from deft_runtime.models.tiny import bytes_to_unicode
+from deft_runtime.models.tiny import assemble_sdxl, bytes_to_unicode
 
 __all__ = [
     "SHAPES_MODEL_DIR",
@@ -52,6 +51,9 @@ MAX_TOKENS = 20  # the longest prompt of the grammar is 13 tokens with start and
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 3  # SDXL reads the penultimate layer, so two layers do the work
 UNET_CHANNELS = (32, 64)
+# 8 latent channels, not SDXL's 4: an 8x8-pixel latent cell on a shape's edge must carry both colours
+# and the edge's geometry, which 4 numbers cannot hold locally (the x8 VAE then trains far slower).
+LATENT_CHANNELS = 8
 ADD_TIME_EMBED_DIM = 8
 
 
@@ -134,7 +136,7 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
 
 
 def _vae() -> AutoencoderKL:
-    """x8 KL autoencoder, 3 -> 4 latent channels: 64x64 scenes become 4x8x8 latents."""
+    """x8 KL autoencoder: 64x64 scenes become 8x8x8 latents."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -142,8 +144,10 @@ def _vae() -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 64),
         layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
+        latent_channels=LATENT_CHANNELS,
+        # >= 4 channels per group: with one channel per group, GroupNorm erases each channel's mean,
+        # which for flat-coloured scenes is the colour itself
+        norm_num_groups=2,
         sample_size=64,
         scaling_factor=1.0,  # the recipe measures the latents' spread and writes the real value
     )
@@ -152,8 +156,8 @@ def _vae() -> AutoencoderKL:
 def _unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=UNET_CHANNELS,
@@ -186,25 +190,8 @@ def _scheduler() -> DPMSolverMultistepScheduler:
 def build_shapes_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """The untrained ``shapes-sdxl`` pipeline (seeded initialisation) the training recipe starts from."""
     tokenizer, tokenizer_2 = build_shapes_tokenizer("<|endoftext|>"), build_shapes_tokenizer("!")
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2))
-    torch.manual_seed(seed + 2)
-    unet = _unet()
-    torch.manual_seed(seed + 3)
-    vae = _vae()
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_scheduler(),  # type: ignore[arg-type]  # diffusers annotates an Enum here
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    configs = (_text_config(tokenizer), _text_config(tokenizer_2))
+    return assemble_sdxl(seed, (tokenizer, tokenizer_2), configs, _unet, _vae, _scheduler())
 
 
 def shapes_defaults(directory: str | Path = SHAPES_MODEL_DIR) -> dict[str, float | int]:

@@ -72,6 +72,7 @@ from transformers import (
 
 __all__ = [
     "TINY_MODELS",
+    "assemble_sdxl",
     "build_tiny_omnigen",
     "build_tiny_sdxl",
     "ensure_omnigen_support",
@@ -249,28 +250,47 @@ def _sdxl_scheduler() -> EulerDiscreteScheduler:
     )
 
 
+def assemble_sdxl(
+    seed: int,
+    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
+    text_configs: tuple[CLIPTextConfig, CLIPTextConfig],
+    unet: Callable[[], UNet2DConditionModel],
+    vae: Callable[[], AutoencoderKL],
+    scheduler: Any,
+) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline whose modules are initialised in a fixed order from ``seed``..``seed + 3``."""
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_configs[0])
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_configs[1])
+    torch.manual_seed(seed + 2)
+    denoiser = unet()
+    torch.manual_seed(seed + 3)
+    autoencoder = vae()
+    return StableDiffusionXLPipeline(
+        vae=autoencoder,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=denoiser,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """A random-weight ``StableDiffusionXLPipeline`` that generates 64x64 images in a blink."""
     tokenizer = build_clip_tokenizer("<|endoftext|>")
     tokenizer_2 = build_clip_tokenizer("!")
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_text_config(tokenizer, _CLIP_HIDDEN))
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, _CLIP2_HIDDEN))
-    torch.manual_seed(seed + 2)
-    unet = _tiny_sdxl_unet(_CLIP_HIDDEN + _CLIP2_HIDDEN, text_projection_dim=_CLIP2_HIDDEN)
-    torch.manual_seed(seed + 3)
-    vae = _tiny_vae()
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_sdxl_scheduler(),  # type: ignore[arg-type]  # diffusers annotates an Enum here
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
+    pipe = assemble_sdxl(
+        seed,
+        (tokenizer, tokenizer_2),
+        (_clip_text_config(tokenizer, _CLIP_HIDDEN), _clip_text_config(tokenizer_2, _CLIP2_HIDDEN)),
+        lambda: _tiny_sdxl_unet(_CLIP_HIDDEN + _CLIP2_HIDDEN, text_projection_dim=_CLIP2_HIDDEN),
+        _tiny_vae,
+        _sdxl_scheduler(),
     )
     return _finish(pipe)
 

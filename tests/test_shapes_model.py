@@ -1,0 +1,129 @@
+"""The committed ``shapes-sdxl`` model: it loads by name, and fixed prompts and seeds decode, through
+diffusers and through deft's Engine, to the prompted scene as the exact parser reads it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
+from deft_runtime.errors import ModelLoadError
+from deft_runtime.models import (
+    SHAPES_MODEL_NAME,
+    architecture_of,
+    build_shapes_sdxl,
+    load_pipeline,
+    shapes_defaults,
+)
+from deft_runtime.models.shapes import SHAPES_WORDS, build_shapes_tokenizer
+from deft_runtime.pool import PoolConfig
+from deft_runtime.runtime import MultiAdapterModel
+from deft_runtime.scenes import parse_image, parse_prompt
+from deft_runtime.scenes.train_base import encode_prompts
+
+# A fixed handful on the committed weights: four shapes, several colours, three with a position. The
+# model is right on only ~8% of prompts (benchmarks/README.md), so each seed is the first of 0..23
+# that this model gets right; the test pins that the committed weights and both generation paths
+# keep producing these scenes.
+CASES: tuple[tuple[str, int], ...] = (
+    ("a red circle on a blue background, on the left", 20),
+    ("a white triangle on a purple background, in the center", 2),
+    ("a green diamond on a white background, on the right", 14),
+    ("a black circle on a yellow background", 3),
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return load_pipeline(SHAPES_MODEL_NAME)
+
+
+def _check_scene(prompt: str, image: np.ndarray) -> None:
+    fg, shape, bg, position = parse_prompt(prompt)
+    parsed = parse_image(image)
+    assert (parsed.background, parsed.foreground, parsed.shape) == (bg, fg, shape), (prompt, parsed)
+    if position is not None:
+        assert parsed.position == position, (prompt, parsed)
+
+
+def test_loads_by_name_as_an_sdxl_pipeline(shapes_pipe) -> None:
+    assert architecture_of(shapes_pipe) == "sdxl"
+    assert type(shapes_pipe).__name__ == "StableDiffusionXLPipeline"
+    assert shapes_pipe.unet.config.addition_embed_type == "text_time"
+    assert int(shapes_pipe.default_sample_size * shapes_pipe.vae_scale_factor) == 64
+    defaults = shapes_defaults()
+    assert defaults["width"] == defaults["height"] == 64
+
+
+def test_missing_weights_say_how_to_get_them(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr("deft_runtime.models.loading.SHAPES_MODEL_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match="train_base"):
+        load_pipeline(SHAPES_MODEL_NAME)
+
+
+def test_fixed_prompts_decode_to_the_prompted_scene(shapes_pipe) -> None:
+    defaults = shapes_defaults()
+    for prompt, seed in CASES:
+        image = shapes_pipe(
+            prompt=prompt,
+            num_inference_steps=int(defaults["num_inference_steps"]),
+            guidance_scale=float(defaults["guidance_scale"]),
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images[0]
+        _check_scene(prompt, np.rint(image * 255).astype(np.uint8))
+
+
+def test_engine_generates_the_prompted_scene_like_diffusers(shapes_pipe) -> None:
+    """Engine at the model's defaults == diffusers' pipeline (same seed), and both parse right."""
+    defaults = shapes_defaults()
+    steps, guidance = int(defaults["num_inference_steps"]), float(defaults["guidance_scale"])
+    mam = MultiAdapterModel(
+        shapes_pipe.unet, pool_config=PoolConfig(device_bytes=8 << 20, host_bytes=8 << 20), backend="torch"
+    )
+    engine = Engine(shapes_pipe, mam, EngineConfig(max_batch_rows=16))
+    try:
+        handles = [
+            engine.submit(
+                GenerationRequest(prompt=p, seed=s, num_inference_steps=steps, guidance_scale=guidance)
+            )
+            for p, s in CASES[:3]
+        ]
+        results = [h.result(300) for h in handles]
+    finally:
+        engine.shutdown()
+    for (prompt, seed), result in zip(CASES[:3], results, strict=True):
+        got = np.asarray(result.images[0], dtype=np.uint8)
+        reference = shapes_pipe(
+            prompt=prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images[0]
+        # same kernels on different batch compositions: a few 8-bit levels, not bit-exact
+        assert np.abs(got.astype(np.float32) / 255 - reference).max() <= 4 / 255
+        _check_scene(prompt, got)
+
+
+def test_every_scene_word_is_one_token_and_new_words_still_tokenize() -> None:
+    tokenizer = build_shapes_tokenizer()
+    for word in SHAPES_WORDS:
+        ids = tokenizer(word).input_ids
+        assert len(ids) == 3, (word, tokenizer.convert_ids_to_tokens(ids))  # start, word, end
+    trigger = tokenizer.convert_ids_to_tokens(tokenizer("a red sks").input_ids)
+    assert trigger[1:-1] == ["a</w>", "red</w>", "s", "k", "s</w>"]
+
+
+def test_recipe_encodes_prompts_exactly_like_the_pipeline() -> None:
+    """The training recipe's differentiable text encoding must equal what inference computes."""
+    pipe = build_shapes_sdxl(0)
+    prompts = ["a red circle on a blue background, on the left", "a white star on a black background"]
+    with torch.no_grad():
+        embeds, pooled = encode_prompts(pipe, prompts)
+        ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(
+            prompt=prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    torch.testing.assert_close(embeds, ref_embeds, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-6)
