@@ -66,12 +66,18 @@ def restarted(server_factory, peft_dir):
     stall.set()
     with pytest.raises(grpc.RpcError):
         upload.result(30)
-    second = server_factory.start(
-        *("--max-active", "1", "--max-queue", "1"), data_dir=first.data_dir, prelude=SLOW_LOAD, wait=False
+    second = server_factory.start(  # a long grace period: a 60-step request on a busy 2-core machine
+        *("--max-active", "1", "--max-queue", "1", "--grace-period", str(DRAIN_GRACE_S)),
+        data_dir=first.data_dir,
+        prelude=SLOW_LOAD,
+        wait=False,
     )
     _expect_not_serving_while_loading(second)
     return second.wait_ready()
 
+
+#: what the drain test's server gives in-flight requests after SIGTERM (they must finish, however slowly)
+DRAIN_GRACE_S = 300
 
 SLOW_LOAD = """
 import time, deft_server.app as app
@@ -188,7 +194,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(restarted):
     with DeftClient(restarted.address) as c, pytest.raises(DeftError) as info:
         c.generate("late", steps=1)
     assert info.value.code is CODE.UNAVAILABLE
-    thread.join(120)
+    thread.join(DRAIN_GRACE_S)
     assert isinstance(events[-1], Result), events[-1]
     assert events[-1].steps == 60
     assert restarted.wait(60) == 0
