@@ -234,6 +234,7 @@ class AdapterPool:
         """Pin one adapter at the version the source names now (loading it, with no lock held, if needed)."""
         version = self.source.version(name)
         if version is None:
+            self.source.load(name)  # raises the source's own AdapterNotFound (it knows the user's name)
             raise AdapterNotFound(f"no adapter named {name!r} is registered")
         with self._lock:
             if self._pin_resident(name, version):

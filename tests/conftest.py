@@ -50,7 +50,14 @@ class ServerProcess:
             *("--http-port", str(self.http_port)),
             *("--data-dir", str(data_dir), "--log-level", "INFO", *args),
         ]
-        env = {**os.environ, "DEFT_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        # tests build their adapters for tiny-sdxl (random weights, fast); a --model flag still wins
+        env = {
+            **os.environ,
+            "DEFT_MODEL": "tiny-sdxl",
+            "DEFT_CACHE_DIR": str(cache_dir),
+            "HF_HUB_OFFLINE": "1",
+        }
+        env["PYTHONUNBUFFERED"] = "1"
         env.pop("DEFT_SERVER", None)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
