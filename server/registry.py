@@ -138,8 +138,9 @@ class AdapterRegistry:
         start = time.perf_counter()
         owner, bare = split_pool_name(name)
         record = self.store.get(bare, owner)
+        key = record.pool_name  # one key for the memo, however the caller spelt the name
         with self._lock:
-            incompatible = self._incompatible.get(name)
+            incompatible = self._incompatible.get(key)
         if incompatible is not None and incompatible[0] == record.sha256:
             raise AdapterIncompatible(f"adapter {bare!r}: {incompatible[1]}")
         compiled = self.cache.load_compiled(record.sha256, self.base_digest)
@@ -148,7 +149,7 @@ class AdapterRegistry:
                 compiled = self._compile_blob(record)
             except (InvalidAdapter, AdapterIncompatible) as e:
                 with self._lock:
-                    self._incompatible[name] = (record.sha256, str(e))
+                    self._incompatible[key] = (record.sha256, str(e))
                 raise AdapterIncompatible(f"adapter {bare!r}: {e}") from e
             self.cache.save_compiled(record.sha256, self.base_digest, compiled)
         self.on_load(time.perf_counter() - start)

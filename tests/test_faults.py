@@ -307,7 +307,7 @@ def test_kill_9_mid_registration_leaves_no_orphan_after_restart(server_factory, 
     prelude = (
         "import os, signal, deft_server.store as s\n"
         "_commit = s.SQLiteStore.commit\n"
-        "def commit(self, record, received):\n"
+        "def commit(self, *args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "s.SQLiteStore.commit = commit\n"
     )
