@@ -209,7 +209,7 @@ class AdapterRegistry:
         """Read and compile the upload; its record (not yet committed) and factors."""
         fmt = upload_format or (UploadFormat.PEFT_TAR if is_tar(upload.path) else UploadFormat.SAFETENSORS)
         with tempfile.TemporaryDirectory(dir=self.cache.tmp) as work:
-            adapter = self._read(upload.path, fmt, Path(work))
+            adapter = self._read(upload.path, fmt, Path(work), upload.label)
             compiled = self._compile(name, adapter)
         log.info("adapter %r: %s", name, adapter.describe())
         record = AdapterRecord(
@@ -245,10 +245,10 @@ class AdapterRegistry:
             raise
         self.store.audit.record(action, tenant=tenant.id, key_id=tenant.key_id, target=target)
 
-    def _read(self, path: Path, fmt: UploadFormat, work: Path) -> Adapter:
+    def _read(self, path: Path, fmt: UploadFormat, work: Path, label: str | None = None) -> Adapter:
         if fmt is UploadFormat.PEFT_TAR:
             path = extract_archive(path, work, self.read_limits.max_file_bytes)
-        return load_adapter(path, limits=self.read_limits, unet_config=self.unet_config)
+        return load_adapter(path, limits=self.read_limits, unet_config=self.unet_config, label=label)
 
     def _compile(self, name: str, adapter: Adapter) -> CompiledAdapter:
         log.info("compiling adapter %r against the base model", name)

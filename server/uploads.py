@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -25,7 +26,6 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -45,11 +45,27 @@ _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 validate_name = check_adapter_name  # the one rule for adapter names (deft_runtime.names)
 
 
-@dataclass(frozen=True)
+#: How messages name an upload whose client sent no file name.
+UNNAMED_UPLOAD = "the upload"
+MAX_FILE_NAME_CHARS = 255
+
+
+@dataclasses.dataclass(frozen=True)
 class ReceivedFile:
     path: Path
     sha256: str
     size: int
+    #: how messages name the upload: the client's file name (see :func:`upload_label`)
+    label: str = UNNAMED_UPLOAD
+
+
+def upload_label(file_name: str) -> str:
+    """How messages name an upload: the file name the client sent (``AdapterUpload.file_name``), with
+    control characters replaced and cut to :data:`MAX_FILE_NAME_CHARS`; never used as a path."""
+    name = "".join("?" if ord(c) < 32 or ord(c) == 127 else c for c in file_name.strip())
+    if not name:
+        return UNNAMED_UPLOAD
+    return name if len(name) <= MAX_FILE_NAME_CHARS else f"{name[:MAX_FILE_NAME_CHARS]}…"
 
 
 class UploadFile:
@@ -120,7 +136,7 @@ async def received_upload(
                 f"the upload's sha256 is {received.sha256}, not {header.sha256} as announced; it was "
                 "corrupted or truncated in transit"
             )
-        yield header, received
+        yield header, dataclasses.replace(received, label=upload_label(header.file_name))
     finally:
         await asyncio.to_thread(upload.discard)
 

@@ -42,24 +42,27 @@ def load_adapter(
     *,
     limits: ReadLimits = DEFAULT_LIMITS,
     unet_config: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ) -> Adapter:
     """Read an adapter from a PEFT directory, deft's own file, or a diffusers/kohya LoRA file.
 
     ``unet_config`` (the base UNet's config) lets kohya files with SGM block names map onto diffusers
     module names. The result is validated on its own (dtypes, finiteness, structure); validation
-    against a base happens when it is compiled.
+    against a base happens when it is compiled. Messages name the input ``label`` (default: the
+    path as given; a server passes the name of the user's file, never its temporary copy's).
     """
     path = Path(path)
     if path.is_dir():
-        return load_peft_dir(path, limits)
+        return load_peft_dir(path, limits, label)
     if not path.exists():
-        raise AdapterFormatError(f"{path} does not exist")
-    tensors, metadata = read_safetensors(path, limits)
+        raise AdapterFormatError(f"{label or path} does not exist")
+    tensors, metadata = read_safetensors(path, limits, label)
     if is_native(metadata):
         return from_native(tensors, metadata)
     if any(".deft_P" in k for k in tensors):
         raise AdapterFormatError(
-            f"{path.name} holds PEFT DEFT weights without their adapter_config.json; pass the PEFT directory"
+            f"{label or path.name} holds PEFT DEFT weights without their adapter_config.json; pass the PEFT "
+            "directory"
         )
     return lora_from_single_file(tensors, metadata, unet_config)
 

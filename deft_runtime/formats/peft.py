@@ -156,19 +156,22 @@ def _deft_from_config(tensors: dict[str, torch.Tensor], config: Mapping[str, obj
     return Adapter(kind=kind, layers=layers, decomposition=decomposition, metadata={"source_format": "peft"})
 
 
-def load_peft_dir(path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIMITS) -> Adapter:
-    """Read a PEFT adapter directory (DEFT or LoRA)."""
+def load_peft_dir(
+    path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIMITS, label: str | None = None
+) -> Adapter:
+    """Read a PEFT adapter directory (DEFT or LoRA); messages name it ``label`` (default: ``path``)."""
     path = Path(path)
+    label = label or str(path)
     config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_path.is_file():
-        raise AdapterFormatError(f"{path} has no {CONFIG_NAME}; it is not a PEFT adapter directory")
+        raise AdapterFormatError(f"{label} has no {CONFIG_NAME}; it is not a PEFT adapter directory")
     if not weights_path.is_file():
         if (path / "adapter_model.bin").is_file():
             raise UnsafeAdapterFormat(
-                f"{path} holds adapter_model.bin (pickle); deft never unpickles adapter files. Re-save it with "
+                f"{label} holds adapter_model.bin (pickle); deft never unpickles adapter files. Re-save it with "
                 "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
             )
-        raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+        raise AdapterFormatError(f"{label} has no {WEIGHTS_NAME}")
     if (size := config_path.stat().st_size) > limits.max_header_bytes:
         raise AdapterTooLarge(
             f"{CONFIG_NAME} is {size} bytes, above the limit of {limits.max_header_bytes} bytes for JSON in an "
@@ -177,7 +180,7 @@ def load_peft_dir(path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIM
     config = parse_json(config_path.read_bytes(), CONFIG_NAME)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME} must hold a JSON object, found {shorten(config)}")
-    tensors, _ = read_safetensors(weights_path, limits)
+    tensors, _ = read_safetensors(weights_path, limits, f"{label}/{WEIGHTS_NAME}")
     peft_type = string(config.get("peft_type", ""), "'peft_type'").upper()
     if peft_type == "DEFT":
         adapter = _deft_from_config(tensors, config)

@@ -45,47 +45,51 @@ class ReadLimits:
 DEFAULT_LIMITS = ReadLimits()
 
 
-def refuse_pickle(path: Path) -> None:
-    """Raise :class:`UnsafeAdapterFormat` for pickle-based files, by suffix or by content."""
+def refuse_pickle(path: Path, label: str | None = None) -> None:
+    """Raise :class:`UnsafeAdapterFormat` for pickle-based files, by suffix or by content (``label``:
+    how messages name the file, by default its name)."""
+    label = label or path.name
     reason = "pickle can run arbitrary code when loaded, so deft never unpickles adapter files"
     fix = "convert it once, in a trusted environment, with safetensors.torch.save_file"
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UnsafeAdapterFormat(
-            f"{path.name}: {path.suffix} files are pickle-based; {reason}. Please {fix}."
-        )
+        raise UnsafeAdapterFormat(f"{label}: {path.suffix} files are pickle-based; {reason}. Please {fix}.")
     with path.open("rb") as f:
         head = f.read(9)
     looks_like_safetensors = head[8:9] == b"{"  # 8-byte length, then the JSON header
     if not looks_like_safetensors and (head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80"):
-        raise UnsafeAdapterFormat(f"{path.name} is a pickle (torch.save) file; {reason}. Please {fix}.")
+        raise UnsafeAdapterFormat(f"{label} is a pickle (torch.save) file; {reason}. Please {fix}.")
 
 
-def read_header(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, object]:
-    """Check size limits and parse the JSON header of a safetensors file."""
+def read_header(
+    path: Path, limits: ReadLimits = DEFAULT_LIMITS, label: str | None = None
+) -> dict[str, object]:
+    """Check size limits and parse the JSON header of a safetensors file (``label``: as in
+    :func:`refuse_pickle`)."""
+    label = label or path.name
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise AdapterTooLarge(
-            f"{path.name} is {size} bytes, above the limit of {limits.max_file_bytes} bytes for an adapter file"
+            f"{label} is {size} bytes, above the limit of {limits.max_file_bytes} bytes for an adapter file"
         )
     if size < 8:
-        raise AdapterFormatError(f"{path.name} is {size} bytes: too short to be a safetensors file")
+        raise AdapterFormatError(f"{label} is {size} bytes: too short to be a safetensors file")
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > size - 8:  # checked first: garbage bytes are "not safetensors", not "too large"
             raise AdapterFormatError(
-                f"{path.name}: header claims {header_len} bytes but the file has {size - 8} after its length; "
+                f"{label}: header claims {header_len} bytes but the file has {size - 8} after its length; "
                 "the file is truncated or not a safetensors file"
             )
         if header_len > limits.max_header_bytes:
             raise AdapterTooLarge(
-                f"{path.name}: safetensors header of {header_len} bytes is above the limit of "
+                f"{label}: safetensors header of {header_len} bytes is above the limit of "
                 f"{limits.max_header_bytes} bytes"
             )
         raw = f.read(header_len)
-    header = parse_json(raw, f"{path.name}: the safetensors header")
+    header = parse_json(raw, f"{label}: the safetensors header")
     if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path.name}: the safetensors header is not a JSON object")
-    _check_entries(path.name, header)
+        raise AdapterFormatError(f"{label}: the safetensors header is not a JSON object")
+    _check_entries(label, header)
     return header
 
 
@@ -114,22 +118,24 @@ def _check_entries(file: str, header: dict[str, object]) -> None:
 
 
 def read_safetensors(
-    path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIMITS
+    path: str | os.PathLike[str], limits: ReadLimits = DEFAULT_LIMITS, label: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Return ``(tensors, metadata)`` of a safetensors file after the safety checks above."""
+    """Return ``(tensors, metadata)`` of a safetensors file after the safety checks above. Messages
+    name the file ``label`` (a server passes the name of the user's file, not its temporary copy's)."""
     path = Path(path)
     if not path.is_file():
-        raise AdapterFormatError(f"{path} does not exist or is not a file")
-    refuse_pickle(path)
-    header = read_header(path, limits)
+        raise AdapterFormatError(f"{label or path} does not exist or is not a file")
+    label = label or path.name
+    refuse_pickle(path, label)
+    header = read_header(path, limits, label)
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFormatError(f"{path.name}: __metadata__ must map strings to strings")
+        raise AdapterFormatError(f"{label}: __metadata__ must map strings to strings")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise AdapterFormatError(
-            f"{path.name} is not a readable safetensors file: {shorten(str(e), 200, quote=False)}"
+            f"{label} is not a readable safetensors file: {shorten(str(e), 200, quote=False)}"
         ) from e
     return tensors, dict(metadata)
 

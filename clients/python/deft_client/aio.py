@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from deft_client.adapter_files import resolve_upload
 from deft_client.channel import CHANNEL_OPTIONS, call_metadata, credentials, resolve_target
 from deft_client.errors import DeftError
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
@@ -23,7 +24,7 @@ from deft_client.results import (
     event_from_message,
     result_from_message,
 )
-from deft_client.wire import GenerateOptions, check_upload_path, generate_request, upload_chunks
+from deft_client.wire import GenerateOptions, generate_request, upload_chunks
 
 T = TypeVar("T")
 _DONE = object()
@@ -98,11 +99,9 @@ class AsyncDeftClient:
         public: bool = False,
         timeout: float | None = None,
     ) -> AdapterInfo:
-        try:
-            check_upload_path(path)
-        except OSError as e:
-            raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {e}") from e
-        chunks = _off_loop(upload_chunks(name, path, metadata, public))
+        """See :meth:`DeftClient.register_adapter`."""
+        source = resolve_upload(path)
+        chunks = _off_loop(upload_chunks(name, source.path, metadata, public, file_name=source.label))
         reply = await self._call(self._adapters.RegisterAdapter, chunks, timeout)
         return AdapterInfo.from_message(reply)
 

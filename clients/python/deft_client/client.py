@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from deft_client.adapter_files import resolve_upload
 from deft_client.channel import CHANNEL_OPTIONS, call_metadata, credentials, resolve_target
 from deft_client.errors import DeftError
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
@@ -22,7 +23,7 @@ from deft_client.results import (
     event_from_message,
     result_from_message,
 )
-from deft_client.wire import GenerateOptions, check_upload_path, generate_request, upload_chunks
+from deft_client.wire import GenerateOptions, generate_request, upload_chunks
 
 T = TypeVar("T")
 
@@ -96,13 +97,11 @@ class DeftClient:
         public: bool = False,
         timeout: float | None = None,
     ) -> AdapterInfo:
-        """Upload and register an adapter: a PEFT directory, a ``.safetensors`` LoRA file, or a deft file
-        (``public``: usable by every tenant; needs an admin key)."""
-        try:
-            check_upload_path(path)
-        except OSError as e:
-            raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {e}") from e
-        chunks = upload_chunks(name, path, metadata, public)
+        """Upload and register an adapter: a PEFT directory, a ``.safetensors`` LoRA file, a deft file, or
+        a folder holding one of them (a ``deft train`` output folder) (``public``: usable by every
+        tenant; needs an admin key). Errors name the user's file, which the server knows by name only."""
+        source = resolve_upload(path)
+        chunks = upload_chunks(name, source.path, metadata, public, file_name=source.label)
         return AdapterInfo.from_message(self._call(self._adapters.RegisterAdapter, chunks, timeout))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:

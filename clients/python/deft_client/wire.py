@@ -106,23 +106,15 @@ def _upload_format(path: Path) -> adapters_pb2.UploadFormat:
     return adapters_pb2.UPLOAD_FORMAT_UNSPECIFIED  # let the server look at the bytes
 
 
-def check_upload_path(path: str | os.PathLike[str]) -> None:
-    """Raise OSError now (not halfway through a stream) when ``path`` cannot be uploaded."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_dir():
-        with path.open("rb"):
-            pass
-
-
 def upload_chunks(
     name: str,
     path: str | os.PathLike[str],
     metadata: Mapping[str, str] | None = None,
     public: bool = False,
+    file_name: str = "",
 ) -> Iterator[adapters_pb2.RegisterAdapterChunk]:
-    """The ``RegisterAdapter`` stream for ``path``: a header with size and sha256, then the bytes."""
+    """The ``RegisterAdapter`` stream for ``path`` (a file or a PEFT directory): a header with size,
+    sha256 and ``file_name`` (how the server's messages name the upload), then the bytes."""
     with upload_source(path) as (source, size):
         digest = hashlib.sha256()
         while block := source.read(1 << 20):
@@ -134,6 +126,7 @@ def upload_chunks(
             size_bytes=size,
             sha256=digest.hexdigest(),
             public=public,
+            file_name=file_name,
         )
         yield adapters_pb2.RegisterAdapterChunk(header=header)
         source.seek(0)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65\x66t/v1/adapters.proto\x12\x07\x64\x65\x66t.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x01\n\rAdapterUpload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.deft.v1.UploadFormat\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.deft.v1.AdapterUpload.MetadataEntry\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06public\x18\x06 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x14RegisterAdapterChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.deft.v1.AdapterUploadH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"\x92\x03\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x15\n\rdecomposition\x18\x03 \x01(\t\x12\r\n\x05ranks\x18\x04 \x03(\r\x12\x14\n\x0ctarget_count\x18\x05 \x01(\r\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.deft.v1.AdapterState\x12\x15\n\rsource_format\x18\n \x01(\t\x12\x30\n\x08metadata\x18\x0b \x03(\x0b\x32\x1e.deft.v1.Adapter.MetadataEntry\x12\x16\n\x0e\x63ompiled_bytes\x18\x0c \x01(\x04\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\r\n\x05owner\x18\x0e \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x14ListAdaptersResponse\x12\"\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x10.deft.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse*h\n\x0cUploadFormat\x12\x1d\n\x19UPLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19UPLOAD_FORMAT_SAFETENSORS\x10\x01\x12\x1a\n\x16UPLOAD_FORMAT_PEFT_TAR\x10\x02*\x82\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_STATE_INCOMPATIBLE\x10\x03\x32\xaf\x02\n\x0e\x41\x64\x61pterService\x12\x44\n\x0fRegisterAdapter\x12\x1d.deft.v1.RegisterAdapterChunk\x1a\x10.deft.v1.Adapter(\x01\x12K\n\x0cListAdapters\x12\x1c.deft.v1.ListAdaptersRequest\x1a\x1d.deft.v1.ListAdaptersResponse\x12:\n\nGetAdapter\x12\x1a.deft.v1.GetAdapterRequest\x1a\x10.deft.v1.Adapter\x12N\n\rDeleteAdapter\x12\x1d.deft.v1.DeleteAdapterRequest\x1a\x1e.deft.v1.DeleteAdapterResponseB:\n\nai.deft.v1P\x01Z*github.com/deft/deft/gen/go/deft/v1;deftv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65\x66t/v1/adapters.proto\x12\x07\x64\x65\x66t.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x01\n\rAdapterUpload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.deft.v1.UploadFormat\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.deft.v1.AdapterUpload.MetadataEntry\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06public\x18\x06 \x01(\x08\x12\x11\n\tfile_name\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x14RegisterAdapterChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.deft.v1.AdapterUploadH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"\x92\x03\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x15\n\rdecomposition\x18\x03 \x01(\t\x12\r\n\x05ranks\x18\x04 \x03(\r\x12\x14\n\x0ctarget_count\x18\x05 \x01(\r\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.deft.v1.AdapterState\x12\x15\n\rsource_format\x18\n \x01(\t\x12\x30\n\x08metadata\x18\x0b \x03(\x0b\x32\x1e.deft.v1.Adapter.MetadataEntry\x12\x16\n\x0e\x63ompiled_bytes\x18\x0c \x01(\x04\x12\x14\n\x0cstate_reason\x18\r \x01(\t\x12\r\n\x05owner\x18\x0e \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x14ListAdaptersResponse\x12\"\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x10.deft.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse*h\n\x0cUploadFormat\x12\x1d\n\x19UPLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19UPLOAD_FORMAT_SAFETENSORS\x10\x01\x12\x1a\n\x16UPLOAD_FORMAT_PEFT_TAR\x10\x02*\x82\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x01\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x02\x12\x1e\n\x1a\x41\x44\x41PTER_STATE_INCOMPATIBLE\x10\x03\x32\xaf\x02\n\x0e\x41\x64\x61pterService\x12\x44\n\x0fRegisterAdapter\x12\x1d.deft.v1.RegisterAdapterChunk\x1a\x10.deft.v1.Adapter(\x01\x12K\n\x0cListAdapters\x12\x1c.deft.v1.ListAdaptersRequest\x1a\x1d.deft.v1.ListAdaptersResponse\x12:\n\nGetAdapter\x12\x1a.deft.v1.GetAdapterRequest\x1a\x10.deft.v1.Adapter\x12N\n\rDeleteAdapter\x12\x1d.deft.v1.DeleteAdapterRequest\x1a\x1e.deft.v1.DeleteAdapterResponseB:\n\nai.deft.v1P\x01Z*github.com/deft/deft/gen/go/deft/v1;deftv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,30 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERUPLOAD_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ADAPTER_METADATAENTRY']._loaded_options = None
   _globals['_ADAPTER_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_UPLOADFORMAT']._serialized_start=1037
-  _globals['_UPLOADFORMAT']._serialized_end=1141
-  _globals['_ADAPTERSTATE']._serialized_start=1144
-  _globals['_ADAPTERSTATE']._serialized_end=1274
+  _globals['_UPLOADFORMAT']._serialized_start=1056
+  _globals['_UPLOADFORMAT']._serialized_end=1160
+  _globals['_ADAPTERSTATE']._serialized_start=1163
+  _globals['_ADAPTERSTATE']._serialized_end=1293
   _globals['_ADAPTERUPLOAD']._serialized_start=69
-  _globals['_ADAPTERUPLOAD']._serialized_end=294
-  _globals['_ADAPTERUPLOAD_METADATAENTRY']._serialized_start=247
-  _globals['_ADAPTERUPLOAD_METADATAENTRY']._serialized_end=294
-  _globals['_REGISTERADAPTERCHUNK']._serialized_start=296
-  _globals['_REGISTERADAPTERCHUNK']._serialized_end=385
-  _globals['_ADAPTER']._serialized_start=388
-  _globals['_ADAPTER']._serialized_end=790
-  _globals['_ADAPTER_METADATAENTRY']._serialized_start=247
-  _globals['_ADAPTER_METADATAENTRY']._serialized_end=294
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=792
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=852
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=854
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=937
-  _globals['_GETADAPTERREQUEST']._serialized_start=939
-  _globals['_GETADAPTERREQUEST']._serialized_end=972
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=974
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1010
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1012
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1035
-  _globals['_ADAPTERSERVICE']._serialized_start=1277
-  _globals['_ADAPTERSERVICE']._serialized_end=1580
+  _globals['_ADAPTERUPLOAD']._serialized_end=313
+  _globals['_ADAPTERUPLOAD_METADATAENTRY']._serialized_start=266
+  _globals['_ADAPTERUPLOAD_METADATAENTRY']._serialized_end=313
+  _globals['_REGISTERADAPTERCHUNK']._serialized_start=315
+  _globals['_REGISTERADAPTERCHUNK']._serialized_end=404
+  _globals['_ADAPTER']._serialized_start=407
+  _globals['_ADAPTER']._serialized_end=809
+  _globals['_ADAPTER_METADATAENTRY']._serialized_start=266
+  _globals['_ADAPTER_METADATAENTRY']._serialized_end=313
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=811
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=871
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=873
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=956
+  _globals['_GETADAPTERREQUEST']._serialized_start=958
+  _globals['_GETADAPTERREQUEST']._serialized_end=991
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=993
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1029
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1031
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1054
+  _globals['_ADAPTERSERVICE']._serialized_start=1296
+  _globals['_ADAPTERSERVICE']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

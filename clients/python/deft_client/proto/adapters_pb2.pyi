@@ -31,7 +31,7 @@ ADAPTER_STATE_RESIDENT: AdapterState
 ADAPTER_STATE_INCOMPATIBLE: AdapterState
 
 class AdapterUpload(_message.Message):
-    __slots__ = ("name", "format", "metadata", "size_bytes", "sha256", "public")
+    __slots__ = ("name", "format", "metadata", "size_bytes", "sha256", "public", "file_name")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,13 +45,15 @@ class AdapterUpload(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: UploadFormat
     metadata: _containers.ScalarMap[str, str]
     size_bytes: int
     sha256: str
     public: bool
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[UploadFormat, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., public: _Optional[bool] = ...) -> None: ...
+    file_name: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[UploadFormat, str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., public: _Optional[bool] = ..., file_name: _Optional[str] = ...) -> None: ...
 
 class RegisterAdapterChunk(_message.Message):
     __slots__ = ("header", "data")
