@@ -54,15 +54,23 @@ def inspect(
 @app.command()
 def convert(
     source: Annotated[Path, typer.Argument(help="adapter in any supported format")],
-    destination: Annotated[Path, typer.Argument(help="output file (deft) or directory (peft)")],
-    to: Annotated[str, typer.Option(help="output format: deft | peft")] = "deft",
+    destination: Annotated[
+        Path, typer.Argument(help="output file (deft), directory (peft), or directory or file (diffusers)")
+    ],
+    to: Annotated[str, typer.Option(help="output format: deft | peft | diffusers (LoRA only)")] = "deft",
 ) -> None:
-    """Convert an adapter to deft's own format or to a PEFT DEFT directory."""
+    """Convert an adapter to deft's own format, a PEFT directory (DEFT, PaRa or LoRA), or diffusers'
+    pytorch_lora_weights.safetensors (LoRA: pipe.load_lora_weights(DESTINATION))."""
     from deft_runtime.formats import load_adapter, save_adapter
 
-    if to not in ("deft", "peft"):
-        raise fail(ValueError(f"--to must be 'deft' or 'peft', got {to!r}"))
-    fmt: Literal["deft", "peft"] = "deft" if to == "deft" else "peft"
+    formats: dict[str, Literal["deft", "peft", "diffusers"]] = {
+        "deft": "deft",
+        "peft": "peft",
+        "diffusers": "diffusers",
+    }
+    if to not in formats:
+        raise fail(ValueError(f"--to must be 'deft', 'peft' or 'diffusers', got {to!r}"))
+    fmt = formats[to]
     try:
         written = save_adapter(load_adapter(source), destination, format=fmt)
     except DeftError as e:

@@ -8,6 +8,9 @@ directory with ``adapter_config.json``     PEFT (``peft_type`` DEFT or LORA): :m
 other ``*.safetensors``                    diffusers / kohya LoRA single file: :mod:`.lora_files`
 ``.bin`` ``.pt`` ``.pth`` ``.ckpt`` pickle  refused, never unpickled (:class:`UnsafeAdapterFormat`)
 =========================================  ===========================================================
+
+:func:`save_adapter` writes deft's format, PEFT directories, and diffusers LoRA files
+(:mod:`deft_runtime.export.lora`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from deft_runtime.adapter import Adapter
+from deft_runtime.adapter import Adapter, AdapterKind
 from deft_runtime.errors import AdapterFormatError
 from deft_runtime.formats.lora_files import load_lora_file, lora_from_single_file
 from deft_runtime.formats.native import from_native, is_native, load_native, save_native
@@ -71,12 +74,19 @@ def save_adapter(
     adapter: Adapter,
     path: str | os.PathLike[str],
     *,
-    format: Literal["deft", "peft"] = "deft",
+    format: Literal["deft", "peft", "diffusers"] = "deft",
     base_model_name_or_path: str | None = None,
 ) -> Path:
-    """Write ``adapter`` in deft's own single-file format or as a PEFT directory."""
+    """Write ``adapter`` in deft's own single-file format, as a PEFT directory (DEFT/PaRa: PEFT's DEFT
+    tuner; LoRA: a LoraConfig directory), or as diffusers' ``pytorch_lora_weights.safetensors`` (LoRA)."""
     if format == "deft":
         return save_native(adapter, path)
-    if format == "peft":
+    if format == "peft" and adapter.kind is not AdapterKind.LORA:
         return save_peft_dir(adapter, path, base_model_name_or_path=base_model_name_or_path)
-    raise ValueError(f"unknown adapter format {format!r}; expected 'deft' or 'peft'")
+    from deft_runtime.export.lora import save_diffusers_lora, save_lora_peft_dir  # imports formats
+
+    if format == "peft":
+        return save_lora_peft_dir(adapter, path, base_model_name_or_path=base_model_name_or_path)
+    if format == "diffusers":
+        return save_diffusers_lora(adapter, path)
+    raise ValueError(f"unknown adapter format {format!r}; expected 'deft', 'peft' or 'diffusers'")

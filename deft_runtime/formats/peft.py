@@ -6,7 +6,8 @@ prefixes ``base_model.model.``, ``unet.``, ``transformer.`` or none, and optiona
 (``lora_A.default.weight``).
 
 Write: DEFT adapters whose mode PEFT implements (``relu``, ``qr``; PaRa via ``para=True``) with one
-rank and one scale, so the directory loads with ``PeftModel.from_pretrained(denoiser, dir)``.
+rank and one scale, so the directory loads with ``PeftModel.from_pretrained(denoiser, dir)``. LoRA
+adapters are written by :mod:`deft_runtime.export.lora` (``save_adapter(..., format="peft")``).
 """
 
 from __future__ import annotations
@@ -239,10 +240,12 @@ def save_peft_dir(
         tensors[f"base_model.model.{name}.deft_P"] = layer.P
         if not para:
             tensors[f"base_model.model.{name}.deft_R"] = layer.R
-    return _write_dir_atomic(Path(path), config, tensors)
+    return write_dir_atomic(Path(path), config, tensors)
 
 
-def _write_dir_atomic(path: Path, config: dict[str, object], tensors: dict[str, torch.Tensor | None]) -> Path:
+def write_dir_atomic(path: Path, config: dict[str, object], tensors: dict[str, torch.Tensor | None]) -> Path:
+    """Write a PEFT directory (``adapter_config.json``, ``adapter_model.safetensors``) beside ``path``
+    and rename it into place: never half-written; an existing ``path`` is replaced."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)

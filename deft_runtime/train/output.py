@@ -4,7 +4,8 @@
 
     <out>/
         adapter.deft.safetensors   deft's own format (always)
-        peft/                      PEFT DEFT directory, for modes PEFT implements (relu, qr; no gate)
+        peft/                      PEFT directory: LoRA (a LoraConfig), or DEFT/PaRa in the modes PEFT
+                                   implements (relu, qr; no gate)
         training.json              config, result summary, base fingerprint, which files were written
         train_log.jsonl            one JSON object per step (step, loss, learning rates, seconds)
         validation/                validation samples, if any
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deft_runtime.adapter import Adapter, AdapterKind
-from deft_runtime.formats import save_adapter, save_peft_dir
+from deft_runtime.formats import save_adapter
 from deft_runtime.formats.peft import PEFT_WRITABLE_MODES
 
 ADAPTER_FILE = "adapter.deft.safetensors"
@@ -37,9 +38,9 @@ VALIDATION_DIR = "validation"
 
 
 def peft_unsupported_reason(adapter: Adapter) -> str | None:
-    """Why PEFT cannot load this adapter (``None`` if it can)."""
+    """Why PEFT cannot load this adapter (``None`` if it can: every LoRA adapter can)."""
     if adapter.kind is AdapterKind.LORA:
-        return "LoRA adapters are written in deft's format only (PEFT's DEFT tuner does not apply)"
+        return None
     if adapter.decomposition not in PEFT_WRITABLE_MODES:
         mode = adapter.decomposition.value if adapter.decomposition else "none"
         return f"PEFT's DEFT tuner implements relu and qr, not {mode}"
@@ -81,7 +82,7 @@ def write_output(
         save_adapter(adapter, staging / ADAPTER_FILE, format="deft")
         reason = peft_unsupported_reason(adapter)
         if reason is None:
-            save_peft_dir(adapter, staging / PEFT_DIR, base_model_name_or_path=base_model_name)
+            save_adapter(adapter, staging / PEFT_DIR, format="peft", base_model_name_or_path=base_model_name)
         if log_file is not None and log_file.is_file():
             shutil.copy2(log_file, staging / LOG_FILE)
         if validation_dir is not None and validation_dir.is_dir():
