@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 from deft_cli import remote
-from deft_cli.console import console, fail
+from deft_cli.console import console, err_console, fail
 from deft_cli.export import export_onnx_command
 from deft_cli.keys import keys_app
 from deft_cli.train import train_command
@@ -58,6 +58,9 @@ def convert(
         Path, typer.Argument(help="output file (deft), directory (peft), or directory or file (diffusers)")
     ],
     to: Annotated[str, typer.Option(help="output format: deft | peft | diffusers (LoRA only)")] = "deft",
+    denoiser_only: Annotated[
+        bool, typer.Option("--denoiser-only", help="leave a LoRA file's text-encoder layers out (warns)")
+    ] = False,
 ) -> None:
     """Convert an adapter to deft's own format, a PEFT directory (DEFT, PaRa or LoRA), or diffusers'
     pytorch_lora_weights.safetensors (LoRA: pipe.load_lora_weights(DESTINATION))."""
@@ -72,7 +75,10 @@ def convert(
         raise fail(ValueError(f"--to must be 'deft', 'peft' or 'diffusers', got {to!r}"))
     fmt = formats[to]
     try:
-        written = save_adapter(load_adapter(source), destination, format=fmt)
+        adapter = load_adapter(source, denoiser_only=denoiser_only)
+        if dropped := adapter.metadata.get("dropped_text_encoder_layers"):
+            err_console.print(f"[yellow]warning:[/] left out {escape(dropped)}", soft_wrap=True)
+        written = save_adapter(adapter, destination, format=fmt)
     except DeftError as e:
         raise fail(e) from e
     console.print(f"wrote {escape(str(written))}")

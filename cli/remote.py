@@ -45,10 +45,22 @@ def adapters_register(
     public: Annotated[
         bool, typer.Option("--public", help="usable by every tenant (needs an admin key)")
     ] = False,
+    denoiser_only: Annotated[
+        bool,
+        typer.Option("--denoiser-only", help="upload a LoRA file without its text-encoder layers (warns)"),
+    ] = False,
 ) -> None:
-    """Upload an adapter; the server validates and compiles it against its base model."""
-    with connect(connection) as client:
-        info = client.register_adapter(name, path, public=public)
+    """Upload an adapter (a file, a PEFT directory, or a folder holding one, e.g. a `deft train` output);
+    the server validates and compiles it against its base model."""
+    import warnings
+
+    from deft_client import DroppedLayersWarning
+
+    with connect(connection) as client, warnings.catch_warnings(record=True) as dropped:
+        warnings.simplefilter("always", DroppedLayersWarning)
+        info = client.register_adapter(name, path, public=public, denoiser_only=denoiser_only)
+    for warning in dropped:
+        err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", soft_wrap=True)
     console.print(f"registered [bold]{escape(info.name)}[/]: {escape(_describe(info))}")
 
 

@@ -46,6 +46,7 @@ def load_adapter(
     limits: ReadLimits = DEFAULT_LIMITS,
     unet_config: Mapping[str, Any] | None = None,
     label: str | None = None,
+    denoiser_only: bool = False,
 ) -> Adapter:
     """Read an adapter from a PEFT directory, deft's own file, or a diffusers/kohya LoRA file.
 
@@ -53,6 +54,8 @@ def load_adapter(
     module names. The result is validated on its own (dtypes, finiteness, structure); validation
     against a base happens when it is compiled. Messages name the input ``label`` (default: the
     path as given; a server passes the name of the user's file, never its temporary copy's).
+    ``denoiser_only`` leaves a LoRA file's text-encoder layers out instead of refusing the file; the
+    adapter's ``metadata["dropped_text_encoder_layers"]`` then says which.
     """
     path = Path(path)
     if path.is_dir():
@@ -67,7 +70,7 @@ def load_adapter(
             f"{label or path.name} holds PEFT DEFT weights without their adapter_config.json; pass the PEFT "
             "directory"
         )
-    return lora_from_single_file(tensors, metadata, unet_config)
+    return lora_from_single_file(tensors, metadata, unet_config, denoiser_only=denoiser_only)
 
 
 def save_adapter(

@@ -19,10 +19,13 @@ from deft_runtime.errors import AdapterFormatError, AdapterShapeError, shorten
 from deft_runtime.formats.fields import MAX_ALPHA, finite, parse_json
 from deft_runtime.formats.peft import lora_from_config, lora_from_tensors, strip_prefix
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
+from deft_runtime.text_encoder_keys import describe_dropped, dropped_layers, text_encoder_prefix
 from deft_runtime.validation import validate_structure, validate_tensors
 
 #: diffusers stores the LoraConfig of each component under this safetensors metadata key.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+#: ``Adapter.metadata`` key recording what ``denoiser_only`` dropped (kept in a converted file)
+DROPPED_METADATA_KEY = "dropped_text_encoder_layers"
 
 
 def _to_peft_keys(
@@ -64,8 +67,23 @@ def lora_from_single_file(
     tensors: dict[str, torch.Tensor],
     metadata: Mapping[str, str],
     unet_config: Mapping[str, Any] | None = None,
+    *,
+    denoiser_only: bool = False,
 ) -> Adapter:
-    """A LoRA :class:`Adapter` from the tensors and metadata of a diffusers or kohya file."""
+    """A LoRA :class:`Adapter` from the tensors and metadata of a diffusers or kohya file.
+
+    Text-encoder layers are refused, or with ``denoiser_only`` left out: the adapter's metadata then
+    says which (:data:`DROPPED_METADATA_KEY`), and the caller warns about them.
+    """
+    source_format = "kohya" if any(k.startswith("lora_unet_") for k in tensors) else "diffusers"
+    dropped: dict[str, int] = {}
+    if denoiser_only:
+        dropped = dropped_layers(tensors)
+        tensors = {k: t for k, t in tensors.items() if text_encoder_prefix(k) is None}
+        if dropped and not tensors:
+            raise AdapterFormatError(
+                f"the file holds only {describe_dropped(dropped)}; deft applies adapters to the denoiser"
+            )
     config = _diffusers_lora_config(metadata)
     if config is not None:
         adapter = lora_from_config(tensors, config)
@@ -73,9 +91,9 @@ def lora_from_single_file(
         state, alphas = _to_peft_keys(tensors, unet_config)
         layers = lora_from_tensors(state, alphas.get)
         adapter = Adapter(kind=AdapterKind.LORA, layers=layers)
-    adapter.metadata["source_format"] = (
-        "kohya" if any(k.startswith("lora_unet_") for k in tensors) else "diffusers"
-    )
+    adapter.metadata["source_format"] = source_format
+    if dropped:
+        adapter.metadata[DROPPED_METADATA_KEY] = describe_dropped(dropped)
     validate_structure(adapter)
     validate_tensors(adapter)
     return adapter

@@ -34,6 +34,7 @@ from deft_runtime.errors import (
 from deft_runtime.formats.fields import flag, number, parse_json, rank, string
 from deft_runtime.formats.patterns import PatternTable
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
+from deft_runtime.text_encoder_keys import text_encoder_prefix
 from deft_runtime.validation import require_matrix, validate_structure, validate_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,8 +42,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIXES = ("base_model.model.", "unet.", "transformer.")
 _DEFT_KEY = re.compile(r"^(?P<module>.+)\.deft_(?P<role>[PR])(?:\.[A-Za-z0-9_-]+)?$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
-#: PEFT and diffusers prefixes of text-encoder layers (kohya's lora_te1_/lora_te2_ after conversion).
-_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 PEFT_WRITABLE_MODES = (Decomposition.RELU, Decomposition.QR)
 
 
@@ -54,11 +53,12 @@ def strip_prefix(key: str) -> str:
 
 
 def _refuse_text_encoder(keys: list[str]) -> None:
-    te = [k for k in keys if k.startswith(_TEXT_ENCODER_PREFIXES)]
+    te = [k for k in keys if text_encoder_prefix(k) is not None]  # kohya's lora_te1_ … after conversion
     if te:
         raise UnknownTargetModule(
             f"the file has {len(te)} text-encoder tensors (e.g. {shorten(te[0])}); deft applies adapters to the "
-            "denoiser only. Export the adapter without text-encoder layers."
+            "denoiser only. Drop them with --denoiser-only (deft convert, deft adapters register; "
+            "denoiser_only=True in deft_client and load_adapter), or export the adapter without them."
         )
 
 

@@ -18,6 +18,7 @@ GenerateOptions(seed=0, steps=30))``); :meth:`DeftClient.list_adapters` fetches 
 
 from deft_client.aio import AsyncDeftClient
 from deft_client.client import DeftClient
+from deft_client.denoiser_only import DroppedLayersWarning
 from deft_client.errors import DeftError
 from deft_client.results import (
     AdapterInfo,
@@ -37,6 +38,7 @@ __all__ = [
     "AsyncDeftClient",
     "DeftClient",
     "DeftError",
+    "DroppedLayersWarning",
     "GenerateOptions",
     "GenerationEvent",
     "Preview",

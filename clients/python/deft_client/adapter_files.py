@@ -4,12 +4,16 @@ export: the deft file is the adapter)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from deft_client.denoiser_only import denoiser_part
 from deft_client.errors import DeftError
 
 PEFT_CONFIG = "adapter_config.json"
@@ -28,14 +32,19 @@ class UploadSource:
     label: str
 
 
-def resolve_upload(path: str | os.PathLike[str]) -> UploadSource:
-    """The adapter to upload for ``path``; :class:`DeftError` (INVALID_ARGUMENT) naming what is wrong."""
-    try:
-        return _resolve(Path(path).expanduser())
-    except OSError as e:
-        raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {e}") from e
-    except ValueError as e:
-        raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+@contextmanager
+def prepared_upload(path: str | os.PathLike[str], denoiser_only: bool = False) -> Iterator[UploadSource]:
+    """The adapter to upload for ``path`` (with ``denoiser_only``, a copy without text-encoder layers:
+    see :mod:`deft_client.denoiser_only`); :class:`DeftError` (INVALID_ARGUMENT) naming what is wrong."""
+    with contextlib.ExitStack() as stack:
+        try:
+            source = _resolve(Path(path).expanduser())
+            upload = stack.enter_context(denoiser_part(source.path, source.label, denoiser_only))
+        except OSError as e:
+            raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read {path}: {e}") from e
+        except ValueError as e:
+            raise DeftError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        yield UploadSource(upload, source.label)
 
 
 def _resolve(path: Path) -> UploadSource:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -12,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from deft_client.adapter_files import resolve_upload
+from deft_client.adapter_files import prepared_upload
 from deft_client.channel import CHANNEL_OPTIONS, call_metadata, credentials, resolve_target
 from deft_client.errors import DeftError
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
@@ -97,12 +98,14 @@ class AsyncDeftClient:
         *,
         metadata: Mapping[str, str] | None = None,
         public: bool = False,
+        denoiser_only: bool = False,
         timeout: float | None = None,
     ) -> AdapterInfo:
         """See :meth:`DeftClient.register_adapter`."""
-        source = resolve_upload(path)
-        chunks = _off_loop(upload_chunks(name, source.path, metadata, public, file_name=source.label))
-        reply = await self._call(self._adapters.RegisterAdapter, chunks, timeout)
+        with contextlib.ExitStack() as stack:  # reading a folder, copying a file: off the event loop
+            source = await asyncio.to_thread(stack.enter_context, prepared_upload(path, denoiser_only))
+            chunks = _off_loop(upload_chunks(name, source.path, metadata, public, file_name=source.label))
+            reply = await self._call(self._adapters.RegisterAdapter, chunks, timeout)
         return AdapterInfo.from_message(reply)
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:

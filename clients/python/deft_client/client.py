@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from deft_client.adapter_files import resolve_upload
+from deft_client.adapter_files import prepared_upload
 from deft_client.channel import CHANNEL_OPTIONS, call_metadata, credentials, resolve_target
 from deft_client.errors import DeftError
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
@@ -95,14 +95,17 @@ class DeftClient:
         *,
         metadata: Mapping[str, str] | None = None,
         public: bool = False,
+        denoiser_only: bool = False,
         timeout: float | None = None,
     ) -> AdapterInfo:
         """Upload and register an adapter: a PEFT directory, a ``.safetensors`` LoRA file, a deft file, or
         a folder holding one of them (a ``deft train`` output folder) (``public``: usable by every
-        tenant; needs an admin key). Errors name the user's file, which the server knows by name only."""
-        source = resolve_upload(path)
-        chunks = upload_chunks(name, source.path, metadata, public, file_name=source.label)
-        return AdapterInfo.from_message(self._call(self._adapters.RegisterAdapter, chunks, timeout))
+        tenant; needs an admin key). Errors name the user's file, which the server knows by name only.
+        ``denoiser_only`` uploads a LoRA file without its text-encoder layers (which deft refuses),
+        warning with :class:`~deft_client.denoiser_only.DroppedLayersWarning` about what was left out."""
+        with prepared_upload(path, denoiser_only) as source:
+            chunks = upload_chunks(name, source.path, metadata, public, file_name=source.label)
+            return AdapterInfo.from_message(self._call(self._adapters.RegisterAdapter, chunks, timeout))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         """Every registered adapter, by name (fetched page by page; ``timeout`` applies to each page)."""
