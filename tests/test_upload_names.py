@@ -111,6 +111,22 @@ def test_a_client_that_sends_no_file_name_reads_the_upload(server, tmp_path):
     _assert_no_server_paths(info.value.details(), server)
 
 
+def test_http_uploads_name_the_file_of_the_form(server, tmp_path):
+    import httpx2
+
+    data = _pickle(tmp_path / "x.bin").read_bytes()
+    response = httpx2.post(
+        f"{server.http_url}/v1/adapters",
+        data={"name": "over-http"},
+        files={"file": ("my-lora.safetensors", data)},
+        timeout=120,
+    )
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("my-lora.safetensors is a pickle")
+    _assert_no_server_paths(message, server)
+
+
 def test_file_names_are_labels_bounded_and_without_control_characters():
     assert upload_label("dog.safetensors") == "dog.safetensors"
     assert upload_label("  ") == UNNAMED_UPLOAD

@@ -104,9 +104,10 @@ class UploadParts:
         self._part = name
         if name == "file":
             self.file_seen = True
-            self.ready.append(adapters_pb2.RegisterAdapterChunk(header=self._header()))
+            file_name = options.get(b"filename", b"").decode("utf-8", "replace")  # a label for messages
+            self.ready.append(adapters_pb2.RegisterAdapterChunk(header=self._header(file_name)))
 
-    def _header(self) -> adapters_pb2.AdapterUpload:
+    def _header(self, file_name: str) -> adapters_pb2.AdapterUpload:
         if "name" not in self.fields:
             raise InvalidRequest("the form field 'name' must come before the part 'file'")
         fmt = self.fields.get("format", "")
@@ -117,6 +118,7 @@ class UploadParts:
             format=FORMATS[fmt],
             sha256=self.fields.get("sha256", ""),
             metadata=_metadata(self.fields.get("metadata", "")),
+            file_name=file_name,
         )
 
     def _data(self, data: bytes, start: int, end: int) -> None:
