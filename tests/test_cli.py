@@ -53,7 +53,7 @@ def test_errors_exit_non_zero_with_the_reason(tmp_path):
     assert result.exit_code == 1
     assert "never unpickles" in result.output
     result = runner.invoke(app, ["convert", str(bad), str(tmp_path / "y"), "--to", "onnx"])
-    assert result.exit_code == 1 and "--to must be 'deft' or 'peft'" in result.output
+    assert result.exit_code == 1 and "--to must be 'deft', 'peft' or 'diffusers'" in result.output
 
 
 def test_console_script_is_installed():
