@@ -1,6 +1,6 @@
 """Registration as a user meets it, against a real server: errors name the user's own file (never the
 server's temporary copies), and a folder holding one adapter (a ``deft train`` output folder, a folder
-with one PEFT directory or one file) registers as that adapter."""
+with one PEFT directory or one file) registers as that adapter (and reads locally as it)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from deft_client.proto import adapters_pb2, adapters_pb2_grpc
 from deft_server.uploads import MAX_FILE_NAME_CHARS, UNNAMED_UPLOAD, upload_label
 
 from deft_runtime.adapter import AdapterKind, Decomposition
-from deft_runtime.formats import save_adapter
+from deft_runtime.errors import AdapterFormatError
+from deft_runtime.formats import load_adapter, save_adapter
 from deft_runtime.testing import random_adapter
 from deft_runtime.train.output import ADAPTER_FILE, PEFT_DIR, write_output
 
@@ -75,7 +76,7 @@ BAD_FILES = {
     "garbage": (lambda d: _write(d / "junk.safetensors", b"\x00" * 2000), "junk.safetensors"),
     "tar-without-config": (
         lambda d: _tar(d / "dog.tar", {"readme.md": b"hi"}),
-        "dog.tar has no adapter_config.json",
+        "dog.tar holds no adapter: expected a PEFT directory",
     ),
     "peft-broken-weights": (
         lambda d: _peft_with_broken_weights(d / "dog-peft"),
@@ -153,17 +154,35 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_the_cli_registers_a_training_output_folder(server, tmp_path):
-    out = _training_output(tmp_path / "dog-adapter")
-    env = {**os.environ, "DEFT_SERVER": server.address}
-    done = subprocess.run(
-        [str(DEFT_EXECUTABLE), "adapters", "register", "dog", "./dog-adapter"],
-        cwd=tmp_path,
-        env=env,
+def _deft_in(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The real ``deft`` executable, run in ``folder``."""
+    return subprocess.run(
+        [str(DEFT_EXECUTABLE), *args],
+        cwd=folder,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_load_adapter_and_deft_inspect_read_a_training_output_folder(tmp_path):
+    out = _training_output(tmp_path / "dog-adapter")
+    adapter = load_adapter(out)
+    assert adapter.kind is AdapterKind.DEFT and list(adapter.layers) == [LAYER]
+    done = _deft_in(tmp_path, "inspect", "./dog-adapter")
+    assert done.returncode == 0, done.stderr
+    assert "deft" in done.stdout and "rank" in done.stdout
+    save_adapter(_deft(seed=9), out / "second.deft.safetensors")
+    with pytest.raises(
+        AdapterFormatError, match=r"dog-adapter holds 2 adapters \(adapter.deft.safetensors, second"
+    ):
+        load_adapter(out, label="dog-adapter")
+
+
+def test_the_cli_registers_a_training_output_folder(server, tmp_path):
+    out = _training_output(tmp_path / "dog-adapter")
+    done = _deft_in(tmp_path, "adapters", "register", "dog", "./dog-adapter", DEFT_SERVER=server.address)
     assert done.returncode == 0, done.stderr
     assert "registered dog" in done.stdout and "deft" in done.stdout
     assert out.is_dir()

@@ -4,6 +4,7 @@
 input                                      reader
 =========================================  ===========================================================
 directory with ``adapter_config.json``     PEFT (``peft_type`` DEFT or LORA): :mod:`.peft`
+other directory                            the one adapter inside it (:mod:`deft_runtime.adapter_folders`)
 ``*.safetensors`` with deft metadata       deft's own format: :mod:`.native`
 other ``*.safetensors``                    diffusers / kohya LoRA single file: :mod:`.lora_files`
 ``.bin`` ``.pt`` ``.pth`` ``.ckpt`` pickle  refused, never unpickled (:class:`UnsafeAdapterFormat`)
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deft_runtime.adapter import Adapter, AdapterKind
+from deft_runtime.adapter_folders import adapter_in_folder
 from deft_runtime.errors import AdapterFormatError
 from deft_runtime.formats.lora_files import load_lora_file, lora_from_single_file
 from deft_runtime.formats.native import from_native, is_native, load_native, save_native
@@ -48,7 +50,8 @@ def load_adapter(
     label: str | None = None,
     denoiser_only: bool = False,
 ) -> Adapter:
-    """Read an adapter from a PEFT directory, deft's own file, or a diffusers/kohya LoRA file.
+    """Read an adapter from a PEFT directory, deft's own file, a diffusers/kohya LoRA file, or a folder
+    holding one of them (:mod:`deft_runtime.adapter_folders`: a ``deft train`` output folder).
 
     ``unet_config`` (the base UNet's config) lets kohya files with SGM block names map onto diffusers
     module names. The result is validated on its own (dtypes, finiteness, structure); validation
@@ -59,7 +62,13 @@ def load_adapter(
     """
     path = Path(path)
     if path.is_dir():
-        return load_peft_dir(path, limits, label)
+        inner = adapter_in_folder(path, label)  # a training output folder: its adapter.deft.safetensors
+        if inner == path:
+            return load_peft_dir(path, limits, label)
+        inner_label = f"{label or path}/{inner.name}"
+        return load_adapter(
+            inner, limits=limits, unet_config=unet_config, label=inner_label, denoiser_only=denoiser_only
+        )
     if not path.exists():
         raise AdapterFormatError(f"{label or path} does not exist")
     tensors, metadata = read_safetensors(path, limits, label)

@@ -1,6 +1,6 @@
 """What the client uploads for a path the user gives: a file, a PEFT directory, or the one adapter a
-folder holds (a ``deft train`` output folder holds ``adapter.deft.safetensors`` and its ``peft/``
-export: the deft file is the adapter)."""
+folder holds (:mod:`deft_runtime.adapter_folders`: a ``deft train`` output folder uploads its
+``adapter.deft.safetensors``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ import grpc
 
 from deft_client.denoiser_only import denoiser_part
 from deft_client.errors import DeftError
-
-PEFT_CONFIG = "adapter_config.json"
-#: what ``deft train --out DIR`` writes: the adapter, and the same adapter exported for PEFT
-TRAINING_ADAPTER, TRAINING_PEFT_DIR = "adapter.deft.safetensors", "peft"
-_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
-_LISTED = 10  # entries a message names before "and N more"
+from deft_runtime.adapter_folders import adapter_in_folder
 
 
 @dataclass(frozen=True)
@@ -54,52 +49,5 @@ def _resolve(path: Path) -> UploadSource:
     if not path.is_dir():
         with path.open("rb"):  # unreadable: fail now, not halfway through a stream
             return UploadSource(path, name)
-    if (path / PEFT_CONFIG).is_file():
-        return UploadSource(path, name)
-    found = adapters_in(path)
-    if len(found) == 1:
-        return UploadSource(found[0], f"{name}/{found[0].name}")
-    raise ValueError(_folder_message(path, found))
-
-
-def _is_adapter(path: Path) -> bool:
-    if path.is_dir():
-        return (path / PEFT_CONFIG).is_file()
-    return path.suffix == ".safetensors"
-
-
-def adapters_in(folder: Path) -> list[Path]:
-    """The adapters directly inside ``folder``: ``.safetensors`` files and PEFT directories (the
-    ``peft/`` export beside a training output's ``adapter.deft.safetensors`` is the same adapter)."""
-    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _is_adapter(p))
-    names = {p.name for p in found}
-    if TRAINING_ADAPTER in names and TRAINING_PEFT_DIR in names:
-        found = [p for p in found if p.name != TRAINING_PEFT_DIR]
-    return found
-
-
-def _listing(paths: list[Path]) -> str:
-    shown = [f"{p.name}/" if p.is_dir() else p.name for p in paths[:_LISTED]]
-    more = f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else ""
-    return ", ".join(shown) + more
-
-
-def _folder_message(folder: Path, found: list[Path]) -> str:
-    if found:
-        return (
-            f"{folder} holds {len(found)} adapters ({_listing(found)}); pass the one to register, "
-            f"e.g. {folder / found[0].name}"
-        )
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    pickles = [p for p in entries if p.suffix.lower() in _PICKLE_SUFFIXES]
-    hint = (
-        f" ({_listing(pickles)}: pickle files are refused; convert them with safetensors.torch.save_file)"
-        if pickles
-        else ""
-    )
-    holds = f"it holds {_listing(entries)}{hint}" if entries else "it is empty"
-    return (
-        f"{folder} holds no adapter: expected a PEFT directory ({PEFT_CONFIG} + "
-        f"adapter_model.safetensors), a `deft train` output ({TRAINING_ADAPTER}), or one .safetensors "
-        f"file; {holds}"
-    )
+    inner = adapter_in_folder(path)  # AdapterFormatError (a ValueError) listing what it holds
+    return UploadSource(inner, name if inner == path else f"{name}/{inner.name}")
