@@ -39,6 +39,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY deft_files ./deft_files
 COPY deft_runtime ./deft_runtime
 COPY server ./server
 COPY clients/python/deft_client ./clients/python/deft_client

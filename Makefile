@@ -49,12 +49,12 @@ MYPY_SRC := .mypy-src
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check deft_runtime cli tests
+	$(VENV)/bin/ruff format --check deft_files deft_runtime cli tests
 	mkdir -p $(MYPY_SRC)
 	ln -sfn ../server $(MYPY_SRC)/deft_server
 	ln -sfn ../clients/python/deft_client $(MYPY_SRC)/deft_client
 	ln -sfn ../cli $(MYPY_SRC)/deft_cli
-	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy -p deft_runtime -p deft_server -p deft_client -p deft_cli -p benchmarks
+	MYPYPATH=$(MYPY_SRC) $(VENV)/bin/mypy -p deft_files -p deft_runtime -p deft_server -p deft_client -p deft_cli -p benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(MYPY_SRC)

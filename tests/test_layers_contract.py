@@ -1,5 +1,7 @@
 """The layers, as imports: ``deft_cli`` (cli/) above ``deft_server`` (server/) and ``deft_client``
-(clients/python/), both above ``deft_runtime``; nothing imports a layer above it.
+(clients/python/); ``deft_server`` above ``deft_runtime``; everything above ``deft_files`` (pure-Python
+file conventions the client shares with the runtime). Nothing imports a layer above it, and the client
+never imports the runtime (it installs without torch).
 
 A small AST walk over every ``.py`` file of each package: every ``import x`` / ``from x import y``
 (at any depth, inside functions too, since a deferred import is still a dependency)."""
@@ -13,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {
+    "deft_files": ROOT / "deft_files",
     "deft_runtime": ROOT / "deft_runtime",
     "deft_server": ROOT / "server",
     "deft_client": ROOT / "clients" / "python" / "deft_client",
@@ -20,6 +23,7 @@ PACKAGES = {
 }
 #: package → the packages it must never import
 FORBIDDEN = {
+    "deft_files": {"deft_runtime", "deft_server", "deft_client", "deft_cli"},
     "deft_runtime": {"deft_server", "deft_client", "deft_cli"},
     "deft_server": {"deft_cli"},
     "deft_client": {"deft_runtime", "deft_server", "deft_cli"},

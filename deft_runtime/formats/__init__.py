@@ -4,7 +4,7 @@
 input                                      reader
 =========================================  ===========================================================
 directory with ``adapter_config.json``     PEFT (``peft_type`` DEFT or LORA): :mod:`.peft`
-other directory                            the one adapter inside it (:mod:`deft_runtime.adapter_folders`)
+other directory                            the one adapter inside it (:mod:`deft_files.folders`)
 ``*.safetensors`` with deft metadata       deft's own format: :mod:`.native`
 other ``*.safetensors``                    diffusers / kohya LoRA single file: :mod:`.lora_files`
 ``.bin`` ``.pt`` ``.pth`` ``.ckpt`` pickle  refused, never unpickled (:class:`UnsafeAdapterFormat`)
@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from deft_files.folders import AdapterFolderError, adapter_in_folder
 from deft_runtime.adapter import Adapter, AdapterKind
-from deft_runtime.adapter_folders import adapter_in_folder
 from deft_runtime.errors import AdapterFormatError
 from deft_runtime.formats.lora_files import load_lora_file, lora_from_single_file
 from deft_runtime.formats.native import from_native, is_native, load_native, save_native
@@ -51,7 +51,7 @@ def load_adapter(
     denoiser_only: bool = False,
 ) -> Adapter:
     """Read an adapter from a PEFT directory, deft's own file, a diffusers/kohya LoRA file, or a folder
-    holding one of them (:mod:`deft_runtime.adapter_folders`: a ``deft train`` output folder).
+    holding one of them (:mod:`deft_files.folders`: a ``deft train`` output folder).
 
     ``unet_config`` (the base UNet's config) lets kohya files with SGM block names map onto diffusers
     module names. The result is validated on its own (dtypes, finiteness, structure); validation
@@ -62,7 +62,10 @@ def load_adapter(
     """
     path = Path(path)
     if path.is_dir():
-        inner = adapter_in_folder(path, label)  # a training output folder: its adapter.deft.safetensors
+        try:  # a training output folder: its adapter.deft.safetensors
+            inner = adapter_in_folder(path, label)
+        except AdapterFolderError as e:
+            raise AdapterFormatError(str(e)) from None
         if inner == path:
             return load_peft_dir(path, limits, label)
         inner_label = f"{label or path}/{inner.name}"

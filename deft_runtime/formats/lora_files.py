@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from deft_files.text_encoder_keys import describe_dropped, dropped_layers, text_encoder_prefix
 from deft_runtime.adapter import Adapter, AdapterKind
 from deft_runtime.errors import AdapterFormatError, AdapterShapeError, shorten
 from deft_runtime.formats.fields import MAX_ALPHA, finite, parse_json
 from deft_runtime.formats.peft import lora_from_config, lora_from_tensors, strip_prefix
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
-from deft_runtime.text_encoder_keys import describe_dropped, dropped_layers, text_encoder_prefix
 from deft_runtime.validation import validate_structure, validate_tensors
 
 #: diffusers stores the LoraConfig of each component under this safetensors metadata key.

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from deft_files.text_encoder_keys import text_encoder_prefix
 from deft_runtime.adapter import Adapter, AdapterKind, Decomposition, LayerParams, parse_decomposition
 from deft_runtime.errors import (
     AdapterFormatError,
@@ -34,7 +35,6 @@ from deft_runtime.errors import (
 from deft_runtime.formats.fields import flag, number, parse_json, rank, string
 from deft_runtime.formats.patterns import PatternTable
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
-from deft_runtime.text_encoder_keys import text_encoder_prefix
 from deft_runtime.validation import require_matrix, validate_structure, validate_tensors
 
 CONFIG_NAME = "adapter_config.json"

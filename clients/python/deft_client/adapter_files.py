@@ -1,5 +1,5 @@
 """What the client uploads for a path the user gives: a file, a PEFT directory, or the one adapter a
-folder holds (:mod:`deft_runtime.adapter_folders`: a ``deft train`` output folder uploads its
+folder holds (:mod:`deft_files.folders`: a ``deft train`` output folder uploads its
 ``adapter.deft.safetensors``)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import grpc
 
 from deft_client.denoiser_only import denoiser_part
 from deft_client.errors import DeftError
-from deft_runtime.adapter_folders import adapter_in_folder
+from deft_files.folders import adapter_in_folder
 
 
 @dataclass(frozen=True)
@@ -49,5 +49,5 @@ def _resolve(path: Path) -> UploadSource:
     if not path.is_dir():
         with path.open("rb"):  # unreadable: fail now, not halfway through a stream
             return UploadSource(path, name)
-    inner = adapter_in_folder(path)  # AdapterFormatError (a ValueError) listing what it holds
+    inner = adapter_in_folder(path)  # AdapterFolderError (a ValueError) listing what it holds
     return UploadSource(inner, name if inner == path else f"{name}/{inner.name}")

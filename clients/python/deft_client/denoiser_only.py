@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from deft_runtime.text_encoder_keys import describe_dropped, dropped_layers, text_encoder_prefix
+from deft_files.text_encoder_keys import describe_dropped, dropped_layers, text_encoder_prefix
 
 MAX_HEADER_BYTES = 100 * 1024**2
 

@@ -4,20 +4,23 @@ export (the same adapter): the deft file is the adapter. Zero or several adapter
 what the folder holds.
 
 Pure Python (no torch): the client resolves a folder with it before uploading, and
-:func:`deft_runtime.formats.load_adapter` before reading.
+:func:`deft_runtime.formats.load_adapter` before reading; both turn :class:`AdapterFolderError` into
+their own error types.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from deft_runtime.errors import AdapterFormatError
-
 PEFT_CONFIG = "adapter_config.json"
 #: what ``deft train --out DIR`` writes: the adapter, and the same adapter exported for PEFT
 TRAINING_ADAPTER, TRAINING_PEFT_DIR = "adapter.deft.safetensors", "peft"
 _PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 _LISTED = 10  # entries a message names before "and N more"
+
+
+class AdapterFolderError(ValueError):
+    """A folder holds no adapter or several; the message lists what it holds."""
 
 
 def _is_adapter(path: Path) -> bool:
@@ -44,7 +47,7 @@ def adapter_in_folder(folder: Path, label: str | None = None) -> Path:
     found = adapters_in(folder)
     if len(found) == 1:
         return found[0]
-    raise AdapterFormatError(_folder_message(folder, label or str(folder), found))
+    raise AdapterFolderError(_folder_message(folder, label or str(folder), found))
 
 
 def _listing(paths: list[Path]) -> str:

@@ -1,8 +1,8 @@
 """Which tensors of a LoRA file belong to a text encoder, and how a warning names those left out.
 
 Pure Python (no torch), so the client can use it on a file's safetensors header before uploading it
-(``register_adapter(..., denoiser_only=True)``) exactly as :mod:`deft_runtime.formats.lora_files`
-does when it reads one.
+(``register_adapter(..., denoiser_only=True)``) exactly as ``deft_runtime.formats.lora_files`` does
+when it reads one.
 """
 
 from __future__ import annotations
