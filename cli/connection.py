@@ -1,6 +1,7 @@
-"""How a command reaches a deft server: one declaration of ``--server``, ``--token`` and ``--tls-ca``
-(with their ``DEFT_*`` variables) for every command that talks to one, and one way to report what
-went wrong (an auth failure is an auth failure, an unreachable server an unreachable server)."""
+"""How a command reaches a deft server: one declaration of the connection options (``--server``,
+``--token``, ``--tls-ca``, ``--client-cert`` and ``--client-key``, with their ``DEFT_*`` variables) for
+every command that talks to one, and one way to report what went wrong (an auth failure is an auth
+failure, an unreachable server an unreachable server)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ class Connection:
             rich_help_panel=PANEL,
         ),
     ] = None
+    client_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--client-cert",
+            envvar="DEFT_CLIENT_CERT",
+            help="PEM client certificate, for a server with mutual TLS (--tls-client-ca)",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
+    client_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--client-key",
+            envvar="DEFT_CLIENT_KEY",
+            help="PEM private key of --client-cert",
+            rich_help_panel=PANEL,
+        ),
+    ] = None
 
     @property
     def address(self) -> str:
@@ -64,7 +83,16 @@ class Connection:
             from deft_client import DeftClient
         except ImportError as e:
             raise fail(f"talking to a server needs the client: pip install 'deft[server]' ({e})") from e
-        return DeftClient(self.address, token=self.token, root_certificates=self.tls_ca, timeout=timeout)
+        if (self.client_cert is None) != (self.client_key is None):
+            raise fail("--client-cert and --client-key go together: give both or neither")
+        return DeftClient(
+            self.address,
+            token=self.token,
+            root_certificates=self.tls_ca,
+            timeout=timeout,
+            client_certificate=self.client_cert,
+            client_key=self.client_key,
+        )
 
     def explain(self, error: DeftError) -> str:
         """What a failed call means for the user, naming the server."""

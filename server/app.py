@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -27,6 +28,7 @@ from deft_server.loading import ServingRuntime, load_runtime
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
 from deft_server.tenants_auth import InsecureBind, auth_interceptors
+from deft_server.tenants_mtls import SubjectMapError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -76,7 +78,7 @@ def build_server(
 
     try:
         interceptors = auth_interceptors(settings, store)
-    except InsecureBind as e:
+    except (InsecureBind, SubjectMapError) as e:
         raise StartupError(str(e)) from e
     server = grpc.aio.server(options=_options(settings), interceptors=interceptors)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
@@ -90,12 +92,23 @@ def build_server(
     return server
 
 
+def _read_pem(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise StartupError(f"cannot read {flag} {path}: {e.strerror or e}") from e
+
+
 def _bind(server: grpc.aio.Server, settings: ServerSettings) -> None:
     address = f"{settings.host}:{settings.port}"
     try:
         if settings.tls_cert and settings.tls_key:
             pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
-            server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+            ca = _read_pem(settings.tls_client_ca, "--tls-client-ca") if settings.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [pair], root_certificates=ca, require_client_auth=ca is not None
+            )
+            server.add_secure_port(address, credentials)
         else:
             server.add_insecure_port(address)
     except (OSError, RuntimeError) as e:
@@ -156,7 +169,7 @@ async def load(
 
 
 async def serve(settings: ServerSettings) -> int:
-    metrics, state, health = ServerMetrics(), ServerState(), HealthServicer()
+    metrics, state, health = ServerMetrics(settings.metrics_tenant_labels), ServerState(), HealthServicer()
     await set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     generation = GenerationService(state, metrics, settings.request_limits())
     server = build_server(settings, state, generation, health)

@@ -55,6 +55,26 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return handler if refusal is None else _denying(handler, refusal)
 
 
+def rewrap(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serializers as ``handler`` whose behaviour is ``wrap(behaviour)``."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    for kind, make in (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    ):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return make(wrap(behaviour), **kwargs)
+    return handler
+
+
 def _denying(
     handler: grpc.RpcMethodHandler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
 ) -> grpc.RpcMethodHandler:

@@ -71,10 +71,17 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEFT_", frozen=True, extra="forbid")
 
     # --- what to serve, where
-    model: str = Field("shapes-sdxl", description="shapes-sdxl | tiny-sdxl | tiny-omnigen | diffusers directory | hub id")
+    model: str = Field(
+        "shapes-sdxl", description="shapes-sdxl | tiny-sdxl | tiny-omnigen | diffusers directory | hub id"
+    )
     host: str = Field("127.0.0.1", description="address the gRPC, HTTP and metrics servers listen on")
     port: int = Field(50051, ge=1, le=65535, description="gRPC port")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
+    metrics_tenant_labels: bool = Field(
+        False,
+        description="label request counts and latencies by tenant id: one time series per tenant, so "
+        "only with a bounded number of tenants (cardinality); adapter names are never labels",
+    )
     http_port: int = Field(
         8000, ge=0, le=65535, description="OpenAI-compatible HTTP API and playground port (0: off)"
     )
@@ -107,6 +114,14 @@ class ServerSettings(BaseSettings):
     token: SecretStr | None = Field(None, description="require 'authorization: Bearer TOKEN' on every call")
     tls_cert: Path | None = Field(None, description="PEM certificate chain (TLS on when given)")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="mutual TLS: require client certificates signed by this PEM CA bundle"
+    )
+    tls_client_tenants: Path | None = Field(
+        None,
+        description="with --auth keys and --tls-client-ca: JSON file mapping certificate subjects to "
+        "key ids, so a certificate stands in for that key",
+    )
     # --- adapter memory
     adapter_memory: ByteSize = Field(ByteSize(512 << 20), description="device pool for adapter factors")
     adapter_host_memory: ByteSize = Field(ByteSize(2 << 30), description="host cache of adapter factors")
@@ -157,6 +172,10 @@ class ServerSettings(BaseSettings):
     def _tls_pair(self) -> ServerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+        if self.tls_client_tenants is not None and (self.tls_client_ca is None or self.auth_mode != "keys"):
+            raise ValueError("--tls-client-tenants goes with --auth keys and --tls-client-ca")
         if self.max_message_size < 1 << 20:
             raise ValueError("max_message_size must be at least 1MiB (uploads travel in 256KiB chunks)")
         return self

@@ -106,13 +106,19 @@ def _tier_counter(name: str, documentation: str, values: dict[str, int] | None) 
 class ServerMetrics:
     """The server's collectors in their own registry; also the engine's :class:`EngineObserver`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tenant_labels: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("deft_requests", "Generation RPCs by final status.", ["status"], registry=r)
+        #: ``--metrics-tenant-labels``: request series per tenant (unbounded tenants = unbounded series)
+        self.tenant_labels = tenant_labels
+        by_tenant = ["tenant"] if tenant_labels else []
+        self.requests = Counter(
+            "deft_requests", "Generation RPCs by final status.", ["status", *by_tenant], registry=r
+        )
         self.latency = Histogram(
             "deft_request_latency_seconds",
             "End-to-end generation latency.",
+            by_tenant,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -145,11 +151,15 @@ class ServerMetrics:
         r.register(self.live)
 
     # --- RPC boundary
-    def request_finished(self, status: str, latency_s: float | None) -> None:
-        """One generation RPC ended with ``status``; ``latency_s`` if the engine had accepted it."""
-        self.requests.labels(status=status).inc()
+    def request_finished(self, status: str, latency_s: float | None, tenant: str = "") -> None:
+        """One generation RPC of ``tenant`` ended with ``status``; ``latency_s`` if the engine accepted it.
+
+        ``tenant`` becomes a label value only with ``--metrics-tenant-labels``; otherwise it is ignored.
+        """
+        labels = {"tenant": tenant} if self.tenant_labels else {}
+        self.requests.labels(status=status, **labels).inc()
         if latency_s is not None:
-            self.latency.observe(latency_s)
+            (self.latency.labels(**labels) if labels else self.latency).observe(latency_s)
 
     def adapter_loaded(self, seconds: float) -> None:
         self.adapter_load.observe(seconds)

@@ -31,6 +31,7 @@ from deft_server.convert import (
 from deft_server.errors import NotReady, status_code_of, to_status
 from deft_server.loading import ServingRuntime
 from deft_server.metrics import ServerMetrics
+from deft_server.tenants import current_tenant
 from deft_server.upload_limits import bounded_chunks
 from deft_server.uploads import received_upload, validate_name
 
@@ -169,7 +170,8 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         """Record the RPC's outcome; a request the client abandoned stops at the engine's next step."""
         if handle is not None and not handle.future.done():
             handle.cancel()
-        self.metrics.request_finished(status, time.monotonic() - start if handle is not None else None)
+        latency = time.monotonic() - start if handle is not None else None
+        self.metrics.request_finished(status, latency, current_tenant().id)
 
 
 def _cancel_admitted(submitted: asyncio.Future[RequestHandle]) -> None:

@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from deft_server.auth import OPEN_PREFIXES, TokenAuth, _denying
+from deft_server.auth import OPEN_PREFIXES, TokenAuth, _denying, rewrap
 from deft_server.tenants import Tenant, acting_as, enter
+from deft_server.tenants_mtls import SubjectResolver, acting_by_certificate, load_subject_map
 
 from deft_runtime.errors import DeftError
 
@@ -90,9 +91,13 @@ class KeyResolver:
 class KeyAuth(grpc.aio.ServerInterceptor):
     """The ``--auth keys`` interceptor; ``store()`` is the registry's store once loaded, else None."""
 
-    def __init__(self, store: Callable[[], AdapterStore | None]) -> None:
+    def __init__(
+        self, store: Callable[[], AdapterStore | None], subjects: dict[str, str] | None = None
+    ) -> None:
         self._store = store
         self._resolver: KeyResolver | None = None
+        self._subjects = subjects  # --tls-client-tenants: certificate subject → key id
+        self._subject_resolver: SubjectResolver | None = None
 
     async def intercept_service(
         self,
@@ -103,6 +108,8 @@ class KeyAuth(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         given = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+        if not given and self._subjects is not None:
+            return acting_by_certificate(handler, self._subject_resolver_now)
         if len(given) != 1:
             return _denying(handler, MISSING_KEY if not given else "send exactly one authorization header")
         value = given[0] if isinstance(given[0], str) else ""
@@ -118,6 +125,11 @@ class KeyAuth(grpc.aio.ServerInterceptor):
         if self._resolver is None and (store := self._store()) is not None:
             self._resolver = KeyResolver(store)
         return self._resolver
+
+    def _subject_resolver_now(self) -> SubjectResolver | None:
+        if self._subject_resolver is None and self._subjects is not None and (store := self._store()):
+            self._subject_resolver = SubjectResolver(self._subjects, store)
+        return self._subject_resolver
 
 
 class HttpKeyCheck:
@@ -149,20 +161,7 @@ class HttpKeyCheck:
 
 def _acting(handler: grpc.RpcMethodHandler, tenant: Tenant) -> grpc.RpcMethodHandler:
     """``handler`` with its behaviour run as ``tenant``."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    for kind, make in (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    ):
-        behaviour = getattr(handler, kind)
-        if behaviour is not None:
-            return make(_as(tenant, behaviour), **kwargs)
-    return handler
+    return rewrap(handler, lambda behaviour: _as(tenant, behaviour))
 
 
 def _as(tenant: Tenant, behaviour: Callable[..., Any]) -> Callable[..., Any]:
@@ -197,7 +196,8 @@ def auth_interceptors(
     """The interceptors of ``--auth`` (None for none); raises InsecureBind for an open public port."""
     mode = settings.auth_mode
     if mode == "keys":
-        return [KeyAuth(store)]
+        subjects = load_subject_map(settings.tls_client_tenants) if settings.tls_client_tenants else None
+        return [KeyAuth(store, subjects)]
     if mode == "token":
         assert settings.token is not None
         return [TokenAuth(settings.token.get_secret_value())]

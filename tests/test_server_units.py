@@ -519,3 +519,20 @@ def test_generate_options_are_the_one_request_type_of_the_keyword_api():
         generate_request("p", stpes=3)  # a typo is an error, never silently ignored
     signatures = [inspect.signature(m) for m in (DeftClient.generate, DeftClient.generate_stream)]
     assert all("options" in s.parameters and "timeout" in s.parameters for s in signatures)
+
+
+def test_request_metrics_name_tenants_only_when_asked() -> None:
+    from deft_server.metrics import ServerMetrics
+    from prometheus_client import generate_latest
+
+    plain, labelled = ServerMetrics(), ServerMetrics(tenant_labels=True)
+    for metrics in (plain, labelled):
+        metrics.request_finished("ok", 0.5, "alice")
+        metrics.request_finished("invalid_argument", None, "bob")
+    text = generate_latest(plain.registry).decode()
+    assert 'deft_requests_total{status="ok"} 1.0' in text
+    assert "alice" not in text and "bob" not in text
+    text = generate_latest(labelled.registry).decode()
+    assert 'deft_requests_total{status="ok",tenant="alice"} 1.0' in text
+    assert 'deft_requests_total{status="invalid_argument",tenant="bob"} 1.0' in text
+    assert 'deft_request_latency_seconds_count{tenant="alice"} 1.0' in text

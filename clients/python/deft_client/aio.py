@@ -47,9 +47,11 @@ class AsyncDeftClient:
         token: str | None = None,
         root_certificates: bytes | str | os.PathLike[str] | None = None,
         timeout: float | None = None,
+        client_certificate: bytes | str | os.PathLike[str] | None = None,
+        client_key: bytes | str | os.PathLike[str] | None = None,
     ) -> None:
         self.target = resolve_target(target)
-        creds = credentials(root_certificates)
+        creds = credentials(root_certificates, client_certificate, client_key)
         self._channel = (
             grpc.aio.secure_channel(self.target, creds, options=CHANNEL_OPTIONS)
             if creds is not None

@@ -21,12 +21,32 @@ def resolve_target(target: str | None) -> str:
     return target or os.environ.get("DEFT_SERVER") or DEFAULT_TARGET
 
 
-def credentials(root_certificates: bytes | str | os.PathLike[str] | None) -> grpc.ChannelCredentials | None:
-    """TLS credentials from PEM bytes or a PEM file path; None for a plaintext channel."""
-    if root_certificates is None:
+PemSource = bytes | str | os.PathLike[str] | None
+
+
+def _pem(source: PemSource) -> bytes | None:
+    if source is None:
         return None
-    pem = root_certificates if isinstance(root_certificates, bytes) else Path(root_certificates).read_bytes()
-    return grpc.ssl_channel_credentials(root_certificates=pem)
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def credentials(
+    root_certificates: PemSource, client_certificate: PemSource = None, client_key: PemSource = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM bytes or PEM file paths; None for a plaintext channel.
+
+    ``client_certificate`` and ``client_key`` (together) present a client certificate, for servers
+    that require mutual TLS (``deft serve --tls-client-ca``).
+    """
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together: give both or neither")
+    if root_certificates is None and client_certificate is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_certificates),
+        private_key=_pem(client_key),
+        certificate_chain=_pem(client_certificate),
+    )
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -30,7 +30,9 @@ T = TypeVar("T")
 
 class DeftClient:
     """A connection to a deft server. Every failure raises :class:`DeftError`; use as a context manager
-    or call :meth:`close`. ``timeout`` (seconds) is the default deadline of every call (None: none)."""
+    or call :meth:`close`. ``timeout`` (seconds) is the default deadline of every call (None: none).
+    ``client_certificate`` and ``client_key`` (PEM bytes or paths) present a client certificate to a
+    server with mutual TLS (``deft serve --tls-client-ca``)."""
 
     def __init__(
         self,
@@ -39,9 +41,11 @@ class DeftClient:
         token: str | None = None,
         root_certificates: bytes | str | os.PathLike[str] | None = None,
         timeout: float | None = None,
+        client_certificate: bytes | str | os.PathLike[str] | None = None,
+        client_key: bytes | str | os.PathLike[str] | None = None,
     ) -> None:
         self.target = resolve_target(target)
-        creds = credentials(root_certificates)
+        creds = credentials(root_certificates, client_certificate, client_key)
         self._channel = (
             grpc.secure_channel(self.target, creds, options=CHANNEL_OPTIONS)
             if creds is not None
