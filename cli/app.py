@@ -4,26 +4,61 @@ export (``export-onnx``), and the server and its clients (``serve``, ``adapters`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from deft_cli import remote
 from deft_cli.console import console, err_console, fail
 from deft_cli.export import export_onnx_command
+from deft_cli.generate import generate
+from deft_cli.help_format import help_width, tidy
 from deft_cli.keys import keys_app
+from deft_cli.listing import JSON, WIDE, print_json, print_table, table
 from deft_cli.train import train_command
 from rich.markup import escape
-from rich.table import Table
 
 from deft_runtime import __version__
 from deft_runtime.errors import DeftError
 
-app = typer.Typer(
+
+class DeftApp(typer.Typer):
+    """The ``deft`` command: typer's, with the help conventions of :mod:`deft_cli.help_format`, and a
+    file error (a path that does not exist, a folder that cannot be written) reported as a message."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import typer.rich_utils
+
+        typer.rich_utils.MAX_WIDTH = help_width()
+        try:
+            return tidy(typer.main.get_command(self))(*args, **kwargs)
+        except OSError as e:
+            raise SystemExit(fail(e).exit_code) from e
+
+
+app = DeftApp(
     name="deft",
     help="Serve many DEFT / PaRa / LoRA adapters per batch on one diffusion base model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        console.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the deft version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 @app.command()
@@ -35,6 +70,8 @@ def version() -> None:
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="PEFT directory, deft file, or diffusers/kohya LoRA file")],
+    wide: WIDE = False,
+    as_json: JSON = False,
 ) -> None:
     """Read an adapter in any supported format and print what it is."""
     from deft_runtime.formats import load_adapter
@@ -43,12 +80,22 @@ def inspect(
         adapter = load_adapter(path)
     except DeftError as e:
         raise fail(e) from e
+    layers = {
+        name: {
+            "rank": layer.rank,
+            "scale": layer.scale,
+            "tensors": {r: list(t.shape) for r, t in layer.tensors().items()},
+        }
+        for name, layer in sorted(adapter.layers.items())
+    }
+    if as_json:
+        return print_json({"path": str(path), "description": adapter.describe(), "layers": layers})
     console.print(f"[bold]{escape(str(path))}[/]: {adapter.describe()}", soft_wrap=True)  # never cut a path
-    table = Table("layer", "rank", "scale", "tensors")
-    for name, layer in sorted(adapter.layers.items()):
-        shapes = ", ".join(f"{role}{list(t.shape)}" for role, t in layer.tensors().items())
-        table.add_row(name, str(layer.rank), f"{layer.scale:g}", shapes)
-    console.print(table)
+    rows = table("layer", "rank", "scale", "tensors", folded=("layer", "tensors"))
+    for name, layer in layers.items():
+        shapes = ", ".join(f"{role}{shape}" for role, shape in layer["tensors"].items())
+        rows.add_row(name, str(layer["rank"]), f"{layer['scale']:g}", shapes)
+    print_table(rows, wide=wide)
 
 
 @app.command()
@@ -101,9 +148,10 @@ def serve(ctx: typer.Context) -> None:
         from deft_server.cli import serve_app
     except ImportError as e:
         raise fail(f"deft serve needs the server extra: pip install 'deft[server]' ({e})") from e
-    serve_app()(ctx.args, prog_name="deft serve")
+    command = tidy(typer.main.get_command(serve_app()), defaults=False)
+    command(ctx.args, prog_name="deft serve")
 
 
 app.add_typer(remote.adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
-app.command()(remote.generate)
+app.command()(generate)

@@ -18,7 +18,12 @@ from deft_cli.console import fail
 if TYPE_CHECKING:
     from deft_client import DeftClient, DeftError
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_PORT = 50051  # deft serve --port's default
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+START_HINT = (
+    "\nnothing listens there: start a server with `deft serve` (it listens on 127.0.0.1:50051), "
+    "or pass --server HOST:PORT of a running one"
+)
 PANEL = "Server connection"
 
 
@@ -74,8 +79,9 @@ class Connection:
 
     @property
     def address(self) -> str:
-        """The server's address as the client resolves it (flag, ``$DEFT_SERVER``, default)."""
-        return self.server or os.environ.get("DEFT_SERVER") or DEFAULT_SERVER
+        """The server's address (flag, ``$DEFT_SERVER``, default), with deft's port when it names
+        none: gRPC would take ``localhost`` for ``localhost:443``."""
+        return with_default_port(self.server or os.environ.get("DEFT_SERVER") or DEFAULT_SERVER)
 
     def client(self, timeout: float | None = None) -> DeftClient:
         """A ``DeftClient`` for this connection (raises ``typer.Exit`` when the client is missing)."""
@@ -105,8 +111,19 @@ class Connection:
             error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             and not error.reason
         ):
-            return f"cannot reach the deft server at {self.address}: {error.message}"
+            hint = START_HINT if "refused" in error.message.lower() else ""
+            return f"cannot reach the deft server at {self.address}: {error.message}{hint}"
         return str(error)
+
+
+def with_default_port(address: str) -> str:
+    """``address`` with ``:50051`` added when it names a host without a port (``localhost``,
+    ``10.0.0.5``, ``[::1]``); targets with a scheme (``unix:``, ``dns:///``) are left alone."""
+    if "/" in address or address.startswith("unix:"):
+        return address
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{DEFAULT_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_PORT}"
 
 
 @contextlib.contextmanager

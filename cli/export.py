@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from deft_cli.console import console, err_console, fail
-from deft_cli.options import with_options
+from deft_cli.options import DEFAULT_MODEL, model_option, with_options
 from rich.markup import escape
 from rich.table import Table
 
@@ -62,10 +62,10 @@ class RegistryAdapters:
 class ExportFlags:
     """The options of ``deft export-onnx`` (an option group: see :mod:`deft_cli.options`)."""
 
-    model: Annotated[str, typer.Option(help="tiny-sdxl | tiny-omnigen | diffusers DIR | hub id")]
     out: Annotated[
         Path, typer.Option(help="output folder (created; files of an earlier export are replaced)")
     ]
+    model: Annotated[str, model_option()] = DEFAULT_MODEL
     adapter: Annotated[
         list[str] | None,
         typer.Option(

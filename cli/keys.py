@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from deft_cli.console import console, fail
+from deft_cli.listing import JSON, WIDE, print_json, print_table, table
 from deft_cli.options import with_options
 from rich.markup import escape
-from rich.table import Table
 
 if TYPE_CHECKING:
     from deft_server.store import AdapterStore
@@ -172,17 +172,31 @@ def keys_create(
 
 @keys_app.command("list")
 @with_options(location=RegistryLocation)
-def keys_list(location: RegistryLocation) -> None:
+def keys_list(location: RegistryLocation, wide: WIDE = False, as_json: JSON = False) -> None:
     """List the keys (never their secrets)."""
     with location.store() as store:
         records = store.keys.all()
-    table = Table("key id", "tenant", "admin", "limits", "created", "revoked")
+    if as_json:
+        return print_json([_key_json(r) for r in records])
+    rows = table("key id", "tenant", "admin", "limits", "created", "revoked", folded=("tenant", "limits"))
     for r in records:
         revoked = _when(r.revoked_at) if r.revoked_at is not None else ""
-        table.add_row(
+        rows.add_row(
             r.key_id, r.tenant, "yes" if r.admin else "", _limits_text(r.limits), _when(r.created_at), revoked
         )
-    console.print(table)
+    print_table(rows, wide=wide)
+
+
+def _key_json(record: Any) -> dict[str, Any]:
+    """A key's record for ``--json``: never its hash or salt."""
+    return {
+        "key_id": record.key_id,
+        "tenant": record.tenant,
+        "admin": record.admin,
+        "limits": dataclasses.asdict(record.limits),
+        "created_at": _when(record.created_at),
+        "revoked_at": _when(record.revoked_at) if record.revoked_at is not None else None,
+    }
 
 
 def _when(seconds: float) -> str:

@@ -14,7 +14,22 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import typer
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: the base model of ``deft train`` and ``deft export-onnx`` when ``--model`` is not given: the one
+#: ``deft serve`` serves by default (deft_server.config.ServerSettings.model; not imported here)
+DEFAULT_MODEL = "shapes-sdxl"
+
+
+def model_option() -> Any:
+    """``--model`` of the commands that load a base model themselves (``$DEFT_MODEL``, as serve)."""
+    return typer.Option(
+        "--model",
+        envvar="DEFT_MODEL",
+        help="base model: shapes-sdxl | tiny-sdxl | tiny-omnigen | diffusers directory | hub id",
+    )
 
 
 def group_parameters(group: type) -> list[inspect.Parameter]:

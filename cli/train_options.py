@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
+from deft_cli.options import DEFAULT_MODEL, model_option
 
 if TYPE_CHECKING:
     from deft_runtime.train.config import PriorPreservation, TrainConfig, Validation
@@ -27,8 +28,8 @@ def _option(help: str, panel: str | None = None, *names: str) -> Any:
 
 @dataclass(frozen=True)
 class BaseOptions:
-    model: Annotated[str, _option("base: diffusers directory, hub id, tiny-sdxl or tiny-omnigen")]
     out: Annotated[Path, _option("output directory (written atomically at the end)")]
+    model: Annotated[str, model_option()] = DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
