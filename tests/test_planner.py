@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deft_runtime.engine.planner import Candidate, admit_count, plan_batch
+from deft_runtime.engine.planner import BatchPlanner, Candidate, admit_count, plan_batch
 
 
-def cand(rid, bucket="64x64", rows=2, arrival=0, last=-1):
-    return Candidate(rid, bucket, rows, arrival, last)
+def cand(rid, bucket="64x64", rows=2, arrival=0, last=-1, tenant="", weight=1.0):
+    return Candidate(rid, bucket, rows, arrival, last, tenant, weight)
 
 
 def test_empty_and_single():
@@ -80,3 +80,122 @@ def test_admission_bound():
     assert admit_count(waiting=10, active=30, max_active=32) == 2
     assert admit_count(waiting=1, active=0, max_active=32) == 1
     assert admit_count(waiting=5, active=40, max_active=32) == 0
+
+
+# ---------------------------------------------------------------- fair across tenants (BatchPlanner)
+
+
+class Sim:
+    """Drives a BatchPlanner like the scheduler does: requests take one step per forward they join."""
+
+    def __init__(self, planner: BatchPlanner) -> None:
+        self.planner = planner
+        self.live: dict[str, dict] = {}
+        self.arrivals = 0
+        self.iteration = 0
+
+    def add(self, rid, tenant, steps=1000, rows=2, weight=1.0, bucket="64x64"):
+        self.live[rid] = dict(tenant=tenant, steps=steps, rows=rows, weight=weight, bucket=bucket, last=-1)
+        self.arrivals += 1
+        self.live[rid]["arrival"] = self.arrivals
+
+    def step(self) -> list[str]:
+        cs = [cand(k, v["bucket"], v["rows"], v["arrival"], v["last"], v["tenant"], v["weight"])
+              for k, v in self.live.items()]  # fmt: skip
+        chosen = self.planner.plan(cs)
+        self.iteration += 1
+        for k in chosen:
+            self.live[k]["last"] = self.iteration
+            self.live[k]["steps"] -= 1
+            if self.live[k]["steps"] == 0:
+                del self.live[k]
+        return chosen
+
+
+def test_one_tenant_plans_exactly_like_plan_batch():
+    cs = [cand("a", rows=4, arrival=0), cand("b", rows=4, arrival=1), cand("c", rows=2, arrival=2, last=0)]
+    for tenant in ("", "alice"):
+        tenanted = [
+            Candidate(c.request_id, c.bucket, c.rows, c.arrival, c.last_scheduled, tenant) for c in cs
+        ]
+        planner = BatchPlanner(8, mixed_rows=2, credit=100)
+        assert planner.plan(tenanted) == plan_batch(cs, 8) == ["a", "b"]  # no cap with one tenant
+
+
+def test_a_light_tenant_back_from_idle_runs_alone_for_its_credit_then_shares():
+    sim = Sim(BatchPlanner(8, mixed_rows=2, credit=10))
+    for i in range(4):
+        sim.add(f"A{i}", "A")
+    for _ in range(20):
+        assert len(sim.step()) == 4  # A alone: full forwards (no cap with one tenant)
+    sim.add("B0", "B")
+    plans = [sim.step() for _ in range(12)]
+    assert plans[:5] == [["B0"]] * 5  # 10 row-steps of credit = 5 steps of a 2-row request, alone
+    rest = plans[5:]
+    assert all(len(p) == 1 for p in rest)  # mixed_rows=2: one 2-row request per forward
+    assert sum(p == ["B0"] for p in rest) in (3, 4)  # then B gets every other forward
+
+
+def test_without_a_cap_the_light_tenant_leads_and_the_others_fill_the_forward():
+    sim = Sim(BatchPlanner(8, credit=10))
+    for i in range(4):
+        sim.add(f"A{i}", "A")
+    sim.step()
+    sim.add("B0", "B")
+    for _ in range(10):
+        plan = sim.step()
+        assert plan[0] == "B0" and len(plan) == 4  # B's request in every forward, A fills the rest
+
+
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_busy_tenants_share_row_steps_by_weight_and_a_tenant_that_never_pauses_banks_nothing(weight):
+    sim = Sim(BatchPlanner(4, mixed_rows=2, credit=50))
+    for i in range(3):
+        sim.add(f"A{i}", "A")
+        sim.add(f"B{i}", "B", weight=weight)
+    given = {"A": 0, "B": 0}
+    for _ in range(80):
+        for k in sim.step():
+            given[k[0]] += 2
+    assert given["B"] / given["A"] == pytest.approx(weight, rel=0.1)  # from the start: no credit banked
+
+
+def test_the_credit_is_bounded_however_long_the_tenant_was_idle():
+    sim = Sim(BatchPlanner(2, credit=6))
+    sim.add("A0", "A")
+    for _ in range(500):
+        sim.step()  # B idle for 500 steps
+    sim.add("B0", "B")
+    plans = [sim.step() for _ in range(8)]
+    assert plans[:3] == [["B0"]] * 3  # 6 row-steps, not 1000
+    assert ["A0"] in plans[3:5]
+
+
+def test_a_tenant_sending_requests_back_to_back_does_not_bank_credit_between_them():
+    sim = Sim(BatchPlanner(2, credit=8))
+    sim.add("A0", "A")
+    b_steps = 0
+    for i in range(60):
+        if not any(k.startswith("B") for k in sim.live):
+            sim.add(f"B{i}", "B", steps=3)  # B's next request as soon as one finishes
+        b_steps += sum(k.startswith("B") for k in sim.step())
+    assert 30 <= b_steps <= 30 + 4  # half the forwards, plus one credit's worth (8 row-steps)
+
+
+def test_the_lead_tenant_picks_the_bucket_and_an_oversized_head_runs_alone():
+    planner = BatchPlanner(8, mixed_rows=2, credit=0)
+    cs = [
+        cand("a", bucket="big", tenant="A", arrival=0),
+        cand("b", bucket="small", tenant="B", arrival=1),
+        cand("b2", bucket="big", rows=6, tenant="B", arrival=2),
+    ]
+    assert planner.plan(cs) == ["a"]  # tie at the start: A waited longest; only "big" can join
+    assert planner.plan(cs) == ["b"]  # now B is behind: its oldest request's bucket
+    assert planner.plan([cand("a", bucket="big", tenant="A", arrival=0, last=1), cs[2]]) == ["b2"]
+
+
+def test_bad_mixed_rows_are_refused():
+    with pytest.raises(ValueError, match="mixed_rows must be ≥ 1"):
+        BatchPlanner(8, mixed_rows=0)
+    with pytest.raises(ValueError, match="needs 10 rows > max_rows=8"):
+        BatchPlanner(8).plan([cand("a", rows=10, tenant="A"), cand("b", tenant="B")])

@@ -49,6 +49,10 @@ class EngineConfig:
     idle_wait_s: float = 0.05
     admission: Literal["continuous", "static"] = "continuous"
     omnigen_exact_rope: bool = True  # see OmniGenFamily.bucket
+    # fairness across tenants (see planner.BatchPlanner and RequestScheduler):
+    mixed_batch_rows: int | None = None  # rows per forward while several tenants have work (None: max)
+    idle_credit_row_steps: float = 100.0  # how far ahead a tenant back from idle may run (row-steps)
+    newcomer_slots: int = 1  # in-flight slots above max_active, for tenants with nothing in flight
 
 
 class Engine:
@@ -79,6 +83,8 @@ class Engine:
             self.family, model.pool, self._loader, obs,
             max_rows=cfg.max_batch_rows, max_active=cfg.max_active, max_queue=cfg.max_queue,
             static=cfg.admission == "static", retry_wait_s=cfg.idle_wait_s,
+            mixed_rows=cfg.mixed_batch_rows, credit_row_steps=cfg.idle_credit_row_steps,
+            newcomer_slots=cfg.newcomer_slots,
         )  # fmt: skip
         self.runner = StepRunner(model, self.family, self.previewer, obs)
         self._stop = False

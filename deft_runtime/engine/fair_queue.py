@@ -21,6 +21,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -53,10 +54,14 @@ class FairQueue(Generic[T]):
             lane.items.append((start, next(self._arrivals), item))
             self._size += 1
 
-    def pop(self) -> T | None:
-        """The next item to admit, or None when empty."""
+    def pop(self, skip: AbstractSet[str] = frozenset()) -> T | None:
+        """The next item to admit, or None when empty; ``skip``: tenants whose items stay queued."""
         with self._lock:
-            heads = [(lane.items[0][:2], tenant) for tenant, lane in self._lanes.items() if lane.items]
+            heads = [
+                (lane.items[0][:2], tenant)
+                for tenant, lane in self._lanes.items()
+                if lane.items and tenant not in skip
+            ]
             if not heads:
                 return None
             (start, _), tenant = min(heads)

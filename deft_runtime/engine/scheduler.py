@@ -8,9 +8,13 @@ Requests move ``queued → pending (prompts encoded, adapter lease loading) → 
 - :meth:`schedule` (engine thread) drops cancelled queued requests, admits waiting ones (bounded
   concurrency; ``static`` admission waits for the whole batch to finish), promotes pending requests whose
   adapter leases are ready, fails cancelled and expired ones, and lets the pure planner
-  (:mod:`.planner`) pick the next forward;
+  (:class:`.planner.BatchPlanner`, fair across tenants by row-steps) pick the next forward;
 - :meth:`update` turns the runner's :class:`StepOutput` into events, starts leases for newly prepared
   requests, and completes finished and failed requests (releasing their leases).
+
+Slots for newcomers: ``max_active`` bounds the requests in flight, but a request whose tenant has none
+in flight may take one of ``newcomer_slots`` more, so a tenant flooding every slot cannot make another
+tenant wait for one of its requests to finish before the newcomer even starts.
 
 Locking: ``_lock`` guards only the queue counters and the draining flag (submission against the engine
 thread); it is a leaf, never held while calling out. Everything else is engine-thread only.
@@ -29,7 +33,7 @@ from deft_runtime.engine.fair_queue import FairQueue
 from deft_runtime.engine.families import ModelFamily
 from deft_runtime.engine.leases import AdapterLease, LeaseState, PinPool
 from deft_runtime.engine.observer import EngineObserver
-from deft_runtime.engine.planner import Candidate, admit_count, plan_batch
+from deft_runtime.engine.planner import BatchPlanner, Candidate, admit_count
 from deft_runtime.engine.request_state import (
     EventCallback,
     RequestHandle,
@@ -67,6 +71,9 @@ class RequestScheduler:
         max_queue: int,
         static: bool,
         retry_wait_s: float,
+        mixed_rows: int | None = None,
+        credit_row_steps: float = 0.0,
+        newcomer_slots: int = 0,
     ) -> None:
         self.family = family
         self.pool = pool
@@ -75,6 +82,8 @@ class RequestScheduler:
         self.max_rows, self.max_active, self.max_queue = max_rows, max_active, max_queue
         self.static = static
         self.retry_wait_s = retry_wait_s
+        self.planner = BatchPlanner(max_rows, mixed_rows=mixed_rows, credit=credit_row_steps)
+        self.newcomer_slots = newcomer_slots
         self.wake = threading.Event()
         self._waiting: FairQueue[TrackedRequest] = FairQueue()  # fair across tenants, FIFO within one
         self._n_waiting = 0
@@ -130,7 +139,7 @@ class RequestScheduler:
         admitted = self._admit()
         self._promote_ready()
         self._expire()
-        keys = plan_batch(self._candidates(), self.max_rows)
+        keys = self.planner.plan(self._candidates())
         self.observer.on_queue(self.waiting, self.running)
         self._iteration += 1
         return StepPlan(self._iteration, admitted, [self._active[k] for k in keys])
@@ -155,20 +164,38 @@ class RequestScheduler:
             r = self._waiting.pop()
             if r is None:
                 break
-            with self._lock:
-                self._n_waiting -= 1
-            if r.handle.cancelled:
-                self._finish_error(r, RequestCancelled("cancelled while queued"), "cancelled")
+            if not self._take(r):
                 continue
-            r.seq = next(self._seq)
             admitted.append(r)
-            self._pending.append(r)  # in flight from now on: an engine error fails it too
             req = r.request
             assert req.guidance_scale is not None
             rows += self.family.rows_for(req.num_images, req.guidance_scale)
             if self.static and rows >= self.max_rows:
                 break
+        return admitted if self.static else admitted + self._admit_newcomers()
+
+    def _admit_newcomers(self) -> list[TrackedRequest]:
+        """Requests of tenants with nothing in flight, into the ``newcomer_slots`` above max_active."""
+        admitted = []
+        while self._n_waiting and self.in_flight < self.max_active + self.newcomer_slots:
+            busy = {r.request.tenant for r in [*self._active.values(), *self._pending]}
+            r = self._waiting.pop(skip=busy)
+            if r is None:
+                break
+            if self._take(r):
+                admitted.append(r)
         return admitted
+
+    def _take(self, r: TrackedRequest) -> bool:
+        """Move a request popped from the queue in flight; False if it was cancelled meanwhile."""
+        with self._lock:
+            self._n_waiting -= 1
+        if r.handle.cancelled:
+            self._finish_error(r, RequestCancelled("cancelled while queued"), "cancelled")
+            return False
+        r.seq = next(self._seq)
+        self._pending.append(r)  # in flight from now on: an engine error fails it too
+        return True
 
     def _promote_ready(self) -> None:
         still = []
@@ -197,7 +224,15 @@ class RequestScheduler:
 
     def _candidates(self) -> list[Candidate]:
         return [
-            Candidate(key, r.bucket, self.family.rows(r.st), r.seq, r.last_scheduled)
+            Candidate(
+                key,
+                r.bucket,
+                self.family.rows(r.st),
+                r.seq,
+                r.last_scheduled,
+                r.request.tenant,
+                r.request.weight,
+            )
             for key, r in self._active.items()
         ]
 
