@@ -21,6 +21,9 @@ from deft_runtime.errors import (
     UnknownTargetModule,
     UnsafeAdapterFormat,
 )
+from deft_runtime.library_logs import quiet_libraries
+
+quiet_libraries()  # before anything imports diffusers: its first import is when transformers warns
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import logging
 import signal
 import sys
@@ -26,6 +27,7 @@ from deft_server.config import ServerSettings
 from deft_server.http_api import HttpServer, start_http
 from deft_server.loading import ServingRuntime, load_runtime
 from deft_server.metrics import ServerMetrics
+from deft_server.ports import StartupError, check_ports, in_use, port_in_use_message
 from deft_server.service import AdapterService, GenerationService, ServerState
 from deft_server.tenants_auth import InsecureBind, auth_interceptors
 from deft_server.tenants_mtls import SubjectMapError
@@ -42,10 +44,6 @@ SERVICES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
 )
-
-
-class StartupError(DeftError):
-    """The server cannot start (port in use, unreadable TLS files, ...)."""
 
 
 def configure_logging(level: str) -> None:
@@ -112,6 +110,8 @@ def _bind(server: grpc.aio.Server, settings: ServerSettings) -> None:
         else:
             server.add_insecure_port(address)
     except (OSError, RuntimeError) as e:
+        if in_use(settings.host, settings.port):  # taken since check_ports looked
+            raise StartupError(port_in_use_message(settings.port, "--port")) from e
         raise StartupError(f"cannot listen on {address}: {e}") from e
 
 
@@ -168,28 +168,50 @@ async def load(
     return loading.result()
 
 
+def check_free(settings: ServerSettings) -> None:
+    """Every port this server would listen on is free (else one message naming the flag to change)."""
+    ports = [(settings.port, "--port"), (settings.metrics_port, "--metrics-port")]
+    check_ports(settings.host, [*ports, (settings.http_port, "--http-port")])
+
+
 async def serve(settings: ServerSettings) -> int:
+    check_free(settings)
     metrics, state, health = ServerMetrics(settings.metrics_tenant_labels), ServerState(), HealthServicer()
     await set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    generation = GenerationService(state, metrics, settings.request_limits())
+    generation = GenerationService(state, metrics, settings.request_limits(), settings.log_prompts)
     server = build_server(settings, state, generation, health)
-    await server.start()
-    stop_metrics = start_metrics(settings, metrics)
-    http = await _start_http(settings, state, generation)
+    # whatever started is stopped on the way out, in reverse order: a failure half-way through start-up
+    # (a port taken meanwhile) leaves no server to be torn down after the event loop has closed
+    async with contextlib.AsyncExitStack() as started:
+        await server.start()
+        started.push_async_callback(server.stop, None)  # after shutdown()'s drain: a no-op
+        started.callback(start_metrics(settings, metrics))
+        http = await _start_http(settings, state, generation)
+        started.push_async_callback(_stop_http, http)
+        log.info(
+            "listening on %s:%d (metrics port %d); loading the model",
+            settings.host,
+            settings.port,
+            settings.metrics_port,
+        )
+        return await _serve_loaded(settings, server, state, health, metrics)
+    raise AssertionError("unreachable")
+
+
+async def _serve_loaded(
+    settings: ServerSettings,
+    server: grpc.aio.Server,
+    state: ServerState,
+    health: HealthServicer,
+    metrics: ServerMetrics,
+) -> int:
+    """Load the model, serve until a stop signal, drain; the exit code."""
     stop = stop_event()
-    log.info(
-        "listening on %s:%d (metrics port %d); loading the model",
-        settings.host,
-        settings.port,
-        settings.metrics_port,
-    )
     try:
         runtime = await load(settings, metrics, stop)
     except Exception as e:
         log.error("could not start serving: %s", e, exc_info=not isinstance(e, DeftError))
         await server.stop(grace=None)
-        await _stop_http(http)
-        stop_metrics()
         return 1
     if runtime is not None:
         state.runtime = metrics.live.runtime = runtime
@@ -199,8 +221,6 @@ async def serve(settings: ServerSettings) -> int:
         await stop.wait()
         watch.cancel()
     await shutdown(server, health, state, settings.grace_period)
-    await _stop_http(http)
-    stop_metrics()
     return 0
 
 

@@ -151,6 +151,11 @@ class ServerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG | INFO | WARNING | ERROR"
     )
+    log_prompts: bool = Field(
+        False,
+        description="quote prompts in the access log (one INFO line per request on deft_server.access); "
+        "off by default: prompts are the users' data",
+    )
 
     @field_validator("max_adapter_weight", "max_guidance_scale")
     @classmethod

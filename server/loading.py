@@ -21,6 +21,7 @@ from deft_runtime.engine import Engine, GenerationRequest, RequestHandle
 from deft_runtime.engine.request_state import EventCallback
 from deft_runtime.errors import PoolExhausted, shorten
 from deft_runtime.models import denoiser_of, load_pipeline
+from deft_runtime.models.prompt_limits import truncation_warnings
 from deft_runtime.pool import AdapterPool, PoolConfig
 from deft_runtime.runtime import MultiAdapterModel
 
@@ -94,6 +95,10 @@ class ServingRuntime:
             raise
         handle.future.add_done_callback(lambda _: release())
         return handle
+
+    def prompt_warnings(self, job: GenerationRequest) -> list[str]:
+        """What the client is told of its prompts: those longer than the text encoders read (blocking)."""
+        return truncation_warnings(self.pipe, {"prompt": job.prompt, "negative_prompt": job.negative_prompt})
 
     def close(self) -> None:
         self.engine.shutdown()

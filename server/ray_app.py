@@ -53,6 +53,19 @@ them with :func:`deft_server.errors.to_status`; a unary call ends with the same 
 message, but Serve's proxy drops trailing metadata on a failed stream, so ``DeftError.reason`` is empty
 there. ``token=…`` makes the ingress require ``authorization: Bearer …`` like ``deft serve --token``.
 
+**Tenants** (``auth=keys``, like ``deft serve --auth keys``): the ingress checks every call's
+``authorization: Bearer deft_…`` against the registry's keys exactly as the gRPC server's interceptor
+does (:mod:`deft_server.tenants_auth`: the same messages, the same one-second cache, so a revocation
+reaches the ingress within a second; failures are audited), and hands the resolved tenant to the
+replica, which runs the call as that tenant: ownership (another tenant's adapter answers NOT_FOUND like
+a missing name, List shows one's own and the public ones), quotas (per replica, as per server), the
+engine's fair share (``weight``) and the metrics' tenant label (``metrics_tenant_labels``) are the single
+server's. The routing id is then qualified by the tenant (``alice/dog+style``), so two tenants' ``dog``
+never share an id, and a replica warms the adapters that tenant's names resolve to. The ingress opens
+the registry for keys only (``registry=postgresql://…`` in a fleet; ``data_dir`` on one machine).
+Client certificates do not reach the ingress (Serve's proxy ends TLS), so ``tls_client_tenants`` is
+not supported here.
+
 Run (``build_app`` takes ``key=value`` arguments; the deployment ones are listed in
 :data:`DEPLOYMENT_ARGS`, the rest are ``deft serve`` settings)::
 
@@ -69,8 +82,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -81,7 +96,9 @@ from deft_server.convert import generation_request
 from deft_server.errors import UploadTooLarge, to_status
 from deft_server.metrics import ServerMetrics
 from deft_server.service import AdapterService, GenerationService, ServerState
-from deft_server.tenants import PUBLIC, pool_name
+from deft_server.store import AdapterStore, open_store
+from deft_server.tenants import OPEN_TENANT, PUBLIC, Tenant, acting_as
+from deft_server.tenants_auth import INVALID_KEY, KeyResolver, bearer_key
 from deft_server.upload_limits import bounded_chunks
 from google.protobuf.message import Message
 from prometheus_client import start_http_server
@@ -127,8 +144,25 @@ def adapter_set_id(names: list[str] | tuple[str, ...] | Any) -> str:
     return "+".join(sorted({str(name) for name in names}))
 
 
-def request_set_id(request: generation_pb2.GenerateRequest) -> str:
-    return adapter_set_id([ref.name for ref in request.adapters])
+def request_set_id(request: generation_pb2.GenerateRequest, tenant: Tenant | None = None) -> str:
+    """The routing id of a request: its adapter set, qualified by the tenant (``alice/a+b``) under keys."""
+    names = adapter_set_id([ref.name for ref in request.adapters])
+    if not names or tenant is None or tenant.id == PUBLIC:
+        return names
+    return f"{tenant.id}/{names}"  # tenant ids and adapter names never contain "/"
+
+
+def set_tenant(set_id: str) -> tuple[Tenant, tuple[str, ...]]:
+    """The tenant (only its id: whose names these are) and the names of a routing id."""
+    owner, _, names = set_id.rpartition("/")
+    return (Tenant(id=owner) if owner else OPEN_TENANT), tuple(names.split("+"))
+
+
+@contextmanager
+def acting_for(tenant: Tenant | None) -> Iterator[None]:
+    """Run a replica's call as the tenant the ingress resolved (None: no keys, the open tenant)."""
+    with acting_as(tenant or OPEN_TENANT):
+        yield
 
 
 # ---------------------------------------------------------------------------------------- replica
@@ -195,7 +229,7 @@ class DeftReplica:
         self.state = ServerState(runtime=self.runtime)
         self.metrics.live.runtime = self.runtime
         self.limits = self.settings.request_limits()
-        self.generation = GenerationService(self.state, self.metrics, self.limits)
+        self.generation = GenerationService(self.state, self.metrics, self.limits, self.settings.log_prompts)
         self.adapters = AdapterService(self.state, self.settings.upload_limits())
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context is not None else f"pid-{os.getpid()}"
@@ -229,15 +263,17 @@ class DeftReplica:
 
     async def _load_set(self, set_id: str) -> AdapterSet:
         """Serve's multiplexed loader: make the set's adapters resident here (the routing id's meaning)."""
-        names = tuple(set_id.split("+"))
-        await asyncio.to_thread(self._warm, names)
+        tenant, names = set_tenant(set_id)
+        await asyncio.to_thread(self._warm, tenant, names)
         log.info("replica %s holds adapter set %r", self.replica_id, set_id)
         return AdapterSet(names)
 
-    def _warm(self, names: tuple[str, ...]) -> None:
-        """Load the set into the pool; an unregistered name fails here (NOT_FOUND, from the registry)."""
+    def _warm(self, tenant: Tenant, names: tuple[str, ...]) -> None:
+        """Load the set into the pool; a name the tenant cannot see fails here (NOT_FOUND, from the
+        registry, as at Generate)."""
         pool = self.runtime.pool
-        names = tuple(pool_name(PUBLIC, n) for n in names)  # as the engine names them (public adapters)
+        # as the engine names them: the tenant's own adapter, else the public one
+        names = tuple(name for name, _ in self.runtime.registry.qualify(tuple((n, 1.0) for n in names), tenant))
         try:
             pool.acquire(names)  # loads (registry → host cache → device pages) and pins ...
             pool.release(names)  # ... then unpins: resident until the pool needs the room
@@ -253,30 +289,38 @@ class DeftReplica:
 
     # ---------------------------------------------------------------- generation
 
-    async def generate(self, request_bytes: bytes) -> AsyncIterator[tuple[str, Any]]:
+    async def generate(
+        self, request_bytes: bytes, tenant: Tenant | None = None
+    ) -> AsyncIterator[tuple[str, Any]]:
         """Streams ``("replica", id)``, then ``("event", GenerateEvent bytes)``… or a final ``("error", Failure)``."""
         yield "replica", self.replica_id
         request = generation_pb2.GenerateRequest.FromString(request_bytes)
         try:
-            await self._prepare(request)
-            async for event in self.generation.Generate(request, _ReplicaContext()):
-                yield "event", event.SerializeToString()
+            with acting_for(tenant):
+                await self._prepare(request)
+                async for event in self.generation.Generate(request, _ReplicaContext()):
+                    yield "event", event.SerializeToString()
         except Exception as e:
             yield "error", Failure.of(e)
 
-    async def generate_once(self, request_bytes: bytes) -> tuple[str, bytes | Failure]:
+    async def generate_once(
+        self, request_bytes: bytes, tenant: Tenant | None = None
+    ) -> tuple[str, bytes | Failure]:
         """``(replica id, GenerateResponse bytes or Failure)``."""
         request = generation_pb2.GenerateRequest.FromString(request_bytes)
         try:
-            await self._prepare(request)
-            response = await self.generation.GenerateOnce(request, _ReplicaContext())
+            with acting_for(tenant):
+                await self._prepare(request)
+                response = await self.generation.GenerateOnce(request, _ReplicaContext())
             return self.replica_id, response.SerializeToString()
         except Exception as e:
             return self.replica_id, Failure.of(e)
 
     # ---------------------------------------------------------------- adapters
 
-    async def adapter_call(self, method: str, request_bytes: bytes) -> tuple[str, bytes | Failure]:
+    async def adapter_call(
+        self, method: str, request_bytes: bytes, tenant: Tenant | None = None
+    ) -> tuple[str, bytes | Failure]:
         """One unary AdapterService call (``ListAdapters``, ``GetAdapter``, ``DeleteAdapter``)."""
         requests: dict[str, type[Message]] = {
             "ListAdapters": adapters_pb2.ListAdaptersRequest,
@@ -285,12 +329,15 @@ class DeftReplica:
         }
         try:
             request = requests[method].FromString(request_bytes)
-            reply = await getattr(self.adapters, method)(request, _ReplicaContext())
+            with acting_for(tenant):
+                reply = await getattr(self.adapters, method)(request, _ReplicaContext())
             return self.replica_id, reply.SerializeToString()
         except Exception as e:
             return self.replica_id, Failure.of(e)
 
-    async def register_adapter(self, chunks: list[bytes]) -> tuple[str, bytes | Failure]:
+    async def register_adapter(
+        self, chunks: list[bytes], tenant: Tenant | None = None
+    ) -> tuple[str, bytes | Failure]:
         """RegisterAdapter with the whole upload at hand (serialized RegisterAdapterChunk messages)."""
 
         async def stream() -> AsyncIterator[adapters_pb2.RegisterAdapterChunk]:
@@ -298,7 +345,8 @@ class DeftReplica:
                 yield adapters_pb2.RegisterAdapterChunk.FromString(chunk)
 
         try:
-            reply = await self.adapters.RegisterAdapter(stream(), _ReplicaContext())
+            with acting_for(tenant):
+                reply = await self.adapters.RegisterAdapter(stream(), _ReplicaContext())
             return self.replica_id, reply.SerializeToString()
         except Exception as e:
             return self.replica_id, Failure.of(e)

@@ -17,8 +17,10 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 from deft_client.proto import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from deft_server.access_log import AccessEntry, log_access
 from deft_server.config import RequestLimits, UploadLimits
 from deft_server.convert import (
+    MAX_REQUEST_ID_CHARS,
     UPLOAD_FORMATS,
     adapter_message,
     adapters_page,
@@ -35,7 +37,7 @@ from deft_server.tenants import current_tenant
 from deft_server.upload_limits import bounded_chunks
 from deft_server.uploads import received_upload, validate_name
 
-from deft_runtime.engine import EventKind, GenerationEvent, RequestHandle
+from deft_runtime.engine import EventKind, GenerationEvent, GenerationRequest, RequestHandle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,38 +105,50 @@ class EventBridge:
 
 
 class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, state: ServerState, metrics: ServerMetrics, limits: RequestLimits) -> None:
+    def __init__(
+        self, state: ServerState, metrics: ServerMetrics, limits: RequestLimits, log_prompts: bool = False
+    ) -> None:
         self.state = state
         self.metrics = metrics
         self.limits = limits
+        self.log_prompts = log_prompts  # --log-prompts: the access log quotes them
 
     async def _submit(
-        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: generation_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        entry: AccessEntry,
     ) -> tuple[RequestHandle, EventBridge]:
+        entry.label = request.request_id[:MAX_REQUEST_ID_CHARS]  # a refused request is logged too
         runtime = self.state.require()
         job = generation_request(
             request, self.limits, runtime.engine.family.defaults(), context.time_remaining()
         )
+        _describe(entry, job, runtime)
         bridge = EventBridge(asyncio.get_running_loop())
         # on a worker thread: admission asks the registry whether the adapters exist (a database
         # round trip with a shared registry), which must not stall every other stream on this loop;
         # the runtime resolves them for the calling tenant and applies its quotas
-        submitted = asyncio.ensure_future(asyncio.to_thread(runtime.submit, job, bridge))
+        submitted = asyncio.ensure_future(asyncio.to_thread(_admit, runtime, job, bridge, entry))
         try:
-            return await asyncio.shield(submitted), bridge
+            handle = await asyncio.shield(submitted)
         except asyncio.CancelledError:  # the client left while the request was being admitted
             submitted.add_done_callback(_cancel_admitted)
             raise
+        entry.server_id = handle.server_id
+        return handle, bridge
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        start, handle, status = time.monotonic(), None, "ok"
+        start, handle, status, entry = time.monotonic(), None, "ok", AccessEntry(current_tenant().id)
         try:
-            handle, bridge = await self._submit(request, context)
+            handle, bridge = await self._submit(request, context, entry)
             async for event in bridge.events():
                 message = await asyncio.to_thread(event_message, event)
                 if message is not None:
+                    if message.HasField("result"):
+                        message.result.warnings.extend(entry.warnings)
                     yield message
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -143,18 +157,19 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             status = status_code_of(e).name.lower()
             await abort(context, e)
         finally:
-            self._finish(handle, status, start)
+            self._finish(handle, status, start, entry)
 
     @mapped_errors
     async def GenerateOnce(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> generation_pb2.GenerateResponse:
-        start, handle, status = time.monotonic(), None, "ok"
+        start, handle, status, entry = time.monotonic(), None, "ok", AccessEntry(current_tenant().id)
         try:
-            handle, bridge = await self._submit(request, context)
+            handle, bridge = await self._submit(request, context, entry)
             async for event in bridge.events():
                 if event.kind is EventKind.RESULT and event.result is not None:
                     result = await asyncio.to_thread(result_message, event.result)
+                    result.warnings.extend(entry.warnings)
                     return generation_pb2.GenerateResponse(request_id=event.request_id, result=result)
             raise RuntimeError("the engine finished the request without a result")
         except asyncio.CancelledError:
@@ -164,14 +179,32 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             status = status_code_of(e).name.lower()
             raise
         finally:
-            self._finish(handle, status, start)
+            self._finish(handle, status, start, entry)
 
-    def _finish(self, handle: RequestHandle | None, status: str, start: float) -> None:
+    def _finish(self, handle: RequestHandle | None, status: str, start: float, entry: AccessEntry) -> None:
         """Record the RPC's outcome; a request the client abandoned stops at the engine's next step."""
         if handle is not None and not handle.future.done():
             handle.cancel()
         latency = time.monotonic() - start if handle is not None else None
-        self.metrics.request_finished(status, latency, current_tenant().id)
+        self.metrics.request_finished(status, latency, entry.tenant)
+        log_access(entry, status, time.monotonic() - start, self.log_prompts)
+
+
+def _describe(entry: AccessEntry, job: GenerationRequest, runtime: ServingRuntime) -> None:
+    """What the access log says of ``job`` (its sizes resolved to the model's defaults)."""
+    defaults = runtime.engine.family.defaults()
+    entry.adapters, entry.images = len(job.adapters), job.num_images
+    entry.steps = job.num_inference_steps or defaults.steps
+    entry.width, entry.height = job.width or defaults.width, job.height or defaults.height
+    entry.prompt, entry.negative_prompt = job.prompt, job.negative_prompt
+
+
+def _admit(
+    runtime: ServingRuntime, job: GenerationRequest, bridge: EventBridge, entry: AccessEntry
+) -> RequestHandle:
+    """Submit ``job`` (blocking: registry look-ups, tokenizing); ``entry`` gets its prompt warnings."""
+    entry.warnings = runtime.prompt_warnings(job)
+    return runtime.submit(job, bridge)
 
 
 def _cancel_admitted(submitted: asyncio.Future[RequestHandle]) -> None:

@@ -17,6 +17,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline  # not the top level: see tiny.py
 
 from deft_runtime.errors import ModelLoadError
+from deft_runtime.library_logs import no_progress_bars
 from deft_runtime.models.shapes import SHAPES_MODEL_DIR, SHAPES_MODEL_NAME
 from deft_runtime.models.tiny import TINY_MODELS, ensure_omnigen_support
 
@@ -149,8 +150,10 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """Load ``model`` (built-in name, local diffusers directory, or hub id) onto ``device``.
 
-    Progress bars are disabled: a serving runtime would otherwise print one per request.
+    Progress bars are disabled, the loading ones (diffusers' components, transformers' weights) for the
+    process: a serving runtime would otherwise print one per request, every command a few per load.
     """
+    no_progress_bars()
     source, description = _resolve(model, cache_dir)
     ensure_omnigen_support()  # OmniGen directories need it whichever way they are named
     try:

@@ -165,6 +165,11 @@ def encoded(png: bytes, body: ImageGenerationBody) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
+def warnings_field(result: generation_pb2.Result) -> dict[str, list[str]]:
+    """deft's addition to OpenAI's bodies: ``warnings`` (e.g. a truncated prompt), only when there are any."""
+    return {"warnings": list(result.warnings)} if result.warnings else {}
+
+
 def images_response(result: generation_pb2.Result, body: ImageGenerationBody) -> dict[str, Any]:
     """OpenAI's ``ImagesResponse`` for a finished request (blocking: may re-encode)."""
     first = result.images[0]
@@ -174,6 +179,7 @@ def images_response(result: generation_pb2.Result, body: ImageGenerationBody) ->
         "background": "opaque",
         "output_format": body.format,
         "size": f"{first.width}x{first.height}",
+        **warnings_field(result),
     }
 
 

@@ -202,7 +202,8 @@ async def _sse(
             elif kind == "result":
                 for image in message.result.images:
                     b64 = await asyncio.to_thread(images.encoded, image.png, body)
-                    data = images.stream_event("completed", b64, f"{image.width}x{image.height}", body)
+                    size, warned = f"{image.width}x{image.height}", images.warnings_field(message.result)
+                    data = images.stream_event("completed", b64, size, body, **warned)
                     yield _sse_message(data["type"], data)
             message = await anext(events, None)
     except StatusError as e:

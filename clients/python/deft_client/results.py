@@ -98,6 +98,8 @@ class Result:
     steps: int
     queue_seconds: float
     total_seconds: float
+    #: what the server says about how it read the request (e.g. a prompt truncated to 77 tokens)
+    warnings: tuple[str, ...] = ()
 
 
 GenerationEvent = Queued | Started | Progress | Preview | Result
@@ -117,6 +119,7 @@ def result_from_message(request_id: str, msg: generation_pb2.Result) -> Result:
         steps=msg.steps,
         queue_seconds=msg.queue_seconds,
         total_seconds=msg.total_seconds,
+        warnings=tuple(msg.warnings),
     )
 
 

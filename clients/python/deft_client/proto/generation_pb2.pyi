@@ -81,18 +81,20 @@ class Image(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("images", "seed", "steps", "queue_seconds", "total_seconds")
+    __slots__ = ("images", "seed", "steps", "queue_seconds", "total_seconds", "warnings")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     seed: int
     steps: int
     queue_seconds: float
     total_seconds: float
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("request_id", "queued", "started", "progress", "preview", "result")
