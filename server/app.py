@@ -271,11 +271,24 @@ async def shutdown(server: grpc.aio.Server, health: HealthServicer, state: Serve
     if runtime is not None:
         finished = await asyncio.to_thread(runtime.engine.drain, grace)
         if not finished:
-            log.warning("grace period over: cancelling the requests still running")
+            await fail_unfinished(runtime, grace)
     await server.stop(grace=max(1.0, deadline - time.monotonic()))
     if runtime is not None:
         runtime.close()
     log.info("stopped")
+
+
+async def fail_unfinished(runtime: ServingRuntime, grace: float) -> None:
+    """The grace period ran out: the requests still queued or running fail with UNAVAILABLE and a message
+    saying why, sent by their own handlers before the gRPC server stops (which would otherwise cancel
+    them, leaving the client "Cancelling all calls" and the log a CancelledError)."""
+    left = runtime.engine.running + runtime.engine.waiting
+    log.warning("grace period of %gs over: failing the %d requests still running", grace, left)
+    reason = (
+        f"the server is shutting down and its grace period ({grace:g}s, --grace-period) ran out before "
+        "this request finished; send it again (to another replica, or once the server is back)"
+    )
+    await asyncio.to_thread(runtime.engine.shutdown, 10.0, reason)
 
 
 def main(overrides: dict[str, Any]) -> int:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from deft_client import DeftClient, DeftError, Result
 from deft_server.access_log import AccessEntry
@@ -127,3 +130,46 @@ def test_access_line_quotes_what_could_be_misread():
     line = entry.line("ok", 0.12345, log_prompts=False)
     assert line.startswith('generate id=ab12 label="my job=7" tenant=acme status=ok steps=4 size=8x8')
     assert line.endswith("latency_s=0.123 warnings=0")
+
+
+def _long_request(address: str, outcome: list[object], started: threading.Event, stream: bool) -> None:
+    """One request far longer than the grace period; ``outcome`` gets its error (or result)."""
+    with DeftClient(address, timeout=600) as c:
+        try:
+            if stream:
+                for event in c.generate_stream("a zebra", steps=5000, seed=4):
+                    started.set()
+                    outcome.append(event)
+            else:
+                outcome.append(c.generate_result("a zebra", steps=5000, seed=5))
+        except DeftError as e:
+            outcome.append(e)
+
+
+def test_grace_period_running_out_says_so(server_factory):
+    drained = server_factory.start("--grace-period", "1", "--max-steps", "5000")
+    outcomes: list[list[object]] = [[], []]
+    started = threading.Event()
+    threads = [
+        threading.Thread(target=_long_request, args=(drained.address, outcomes[i], started, i == 0))
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    assert started.wait(120)
+    time.sleep(0.5)  # the unary request is admitted too
+    drained.send(signal.SIGTERM)
+    for thread in threads:
+        thread.join(120)
+    assert drained.wait(60) == 0
+    for outcome in outcomes:
+        error = outcome[-1]
+        assert isinstance(error, DeftError), outcome[-1:]
+        assert error.code is grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in error.message and "grace period (1s, --grace-period)" in error.message
+        assert "Cancelling all calls" not in error.message
+    log = drained.log()
+    assert "grace period of 1s over: failing the 2 requests still running" in log
+    for noise in ("Exception not handled", "CancelledError", "Traceback"):
+        assert noise not in log, log
+    assert "stopped" in log

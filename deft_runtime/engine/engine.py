@@ -87,7 +87,7 @@ class Engine:
             newcomer_slots=cfg.newcomer_slots,
         )  # fmt: skip
         self.runner = StepRunner(model, self.family, self.previewer, obs)
-        self._stop = False
+        self._stop, self._stop_reason = False, ""
         self._thread = threading.Thread(target=self._run, name="deft-engine", daemon=True)
         self._thread.start()
 
@@ -139,9 +139,12 @@ class Engine:
             time.sleep(0.02)
         return True
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; requests still queued or running fail with EngineDraining."""
+    def shutdown(
+        self, timeout: float = 10.0, reason: str = "the engine stopped before the request finished"
+    ) -> None:
+        """Stop the engine thread; requests still queued or running fail with EngineDraining(``reason``)."""
         self.scheduler.refuse_new()
+        self._stop_reason = reason
         self._stop = True
         self.scheduler.wake.set()
         self._thread.join(timeout)
@@ -160,9 +163,7 @@ class Engine:
             if not progressed:
                 wake.wait(self.config.idle_wait_s)
                 wake.clear()
-        self.scheduler.fail_everything(
-            lambda: EngineDraining("the engine stopped before the request finished")
-        )
+        self.scheduler.fail_everything(lambda: EngineDraining(self._stop_reason))
 
     def _iterate(self) -> bool:
         plan = self.scheduler.schedule()
