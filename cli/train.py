@@ -34,7 +34,7 @@ def train_command(connection: Connection, **groups: Any) -> None:
             _check_server(name, connection)  # fail before hours of training, not after
         from deft_runtime.train.loop import train
 
-        result = train(config, progress=options.run.progress)
+        result = train(config, progress=options.run.progress, report=print)
     except DeftError as e:
         raise fail(e) from e
     console.print(f"wrote {result.out} ({', '.join(str(f) for f in result.files)})", soft_wrap=True)

@@ -33,6 +33,7 @@ from deft_runtime.errors import (
     shorten,
 )
 from deft_runtime.formats.fields import flag, number, parse_json, rank, string
+from deft_runtime.formats.file_modes import publish
 from deft_runtime.formats.patterns import PatternTable
 from deft_runtime.formats.safetensors_io import DEFAULT_LIMITS, ReadLimits, read_safetensors
 from deft_runtime.validation import require_matrix, validate_structure, validate_tensors
@@ -258,7 +259,7 @@ def write_dir_atomic(path: Path, config: dict[str, object], tensors: dict[str, t
         )
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        os.replace(publish(tmp), path)  # mkdtemp makes 0700, safetensors 0600
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

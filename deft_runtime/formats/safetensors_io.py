@@ -24,6 +24,7 @@ from deft_runtime.errors import (
     shorten,
 )
 from deft_runtime.formats.fields import parse_json
+from deft_runtime.formats.file_modes import publish
 
 #: Suffixes of pickle-based checkpoints: refused before a single byte is parsed.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
@@ -149,7 +150,7 @@ def write_safetensors_atomic(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        os.replace(publish(tmp), path)  # safetensors writes 0600
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -418,10 +418,17 @@ def _class_examples(
 
 
 def train(
-    config: TrainConfig, *, pipe: DiffusionPipeline | None = None, progress: bool = False
+    config: TrainConfig,
+    *,
+    pipe: DiffusionPipeline | None = None,
+    progress: bool = False,
+    report: Callable[[str], None] = logger.info,
 ) -> TrainResult:
-    """Run a whole training job (see the module docstring); ``pipe`` skips loading ``config.model``."""
+    """Run a whole training job (see the module docstring); ``pipe`` skips loading ``config.model``.
+    ``report`` gets what the user should read before the steps start (the step a ``--resume`` restored)."""
     session = TrainingSession.prepare(config, pipe)
+    if session.step:
+        report(f"resumed from step {session.step} of {config.steps} (checkpoints in {config.run_directory})")
     try:
         session.run(progress=progress)
         return session.finish()

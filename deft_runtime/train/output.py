@@ -28,6 +28,7 @@ from typing import Any
 
 from deft_runtime.adapter import Adapter, AdapterKind
 from deft_runtime.formats import save_adapter
+from deft_runtime.formats.file_modes import publish
 from deft_runtime.formats.peft import PEFT_WRITABLE_MODES
 
 ADAPTER_FILE = "adapter.deft.safetensors"
@@ -56,7 +57,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
-        staging.chmod(0o755)  # mkdtemp makes it owner-only
+        publish(staging)  # mkdtemp and safetensors make owner-only folders and files
         retired = None
         if out.exists():
             retired = out.with_name(f".{out.name}.old-{os.getpid()}")
