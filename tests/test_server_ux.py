@@ -6,9 +6,12 @@ tokens comes back with a warning (gRPC result, stream and HTTP)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -103,6 +106,15 @@ def test_no_library_noise_in_the_log(server):
     log = server.log()
     for noise in ("torchvision", "Loading pipeline components", "Loading weights", "it/s]"):
         assert noise not in log, log
+
+
+def test_loading_a_model_outside_the_server_prints_nothing(server, tiny_model_cache):
+    """The path of the CLI's local commands (train, export-onnx): load_pipeline in a fresh process."""
+    code = f"from deft_runtime.models import load_pipeline; load_pipeline('tiny-sdxl', cache_dir={str(tiny_model_cache)!r})"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
 
 
 def test_http_result_carries_the_warning(server):
