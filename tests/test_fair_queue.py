@@ -117,3 +117,21 @@ def test_the_scheduler_is_first_come_first_served_for_one_tenant():
     for i in range(5):
         scheduler.submit(_request("", i), None)
     assert [r.request.prompt for r in scheduler.schedule().admitted] == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("newcomer_slots", [0, 1])
+def test_a_tenant_with_nothing_in_flight_gets_a_newcomer_slot_while_a_flood_holds_every_slot(newcomer_slots):
+    scheduler = RequestScheduler(
+        _Family(), None, None, NullObserver(),  # type: ignore[arg-type]
+        max_rows=16, max_active=4, max_queue=100, static=False, retry_wait_s=0.01,
+        newcomer_slots=newcomer_slots,
+    )  # fmt: skip
+    for i in range(10):
+        scheduler.submit(_request("A", i), None)
+    assert [r.request.prompt for r in scheduler.schedule().admitted] == ["A0", "A1", "A2", "A3"]
+    for request in (_request("B", 0), _request("B", 1), _request("C", 0)):
+        scheduler.submit(request, None)
+    admitted = [r.request.prompt for r in scheduler.schedule().admitted]
+    # B0 at once, beyond max_active; B1 waits (B has one in flight), C0 too (the one slot is taken)
+    assert admitted == (["B0"] if newcomer_slots else [])
+    assert scheduler.in_flight == 4 + newcomer_slots and not scheduler.schedule().admitted

@@ -59,6 +59,9 @@ class AdapterLease:
     def acquire(self) -> None:
         """Start pinning (and loading) the adapters on the loader thread."""
         assert self.state is LeaseState.IDLE, self.state
+        if not self.names:  # nothing to load: ready now, not after a round trip to the loader thread
+            self.state = LeaseState.PINNED
+            return
         self._loading = self.loader.submit(self.pool.acquire, self.names)
         self.state = LeaseState.LOADING
 

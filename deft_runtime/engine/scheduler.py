@@ -139,7 +139,9 @@ class RequestScheduler:
         admitted = self._admit()
         self._promote_ready()
         self._expire()
-        keys = self.planner.plan(self._candidates())
+        # a newcomer tenant's request is prepared first and joins the very next forward, instead of
+        # waiting out one forward of the others' rows before it can even start
+        keys = [] if self._newcomer_admitted(admitted) else self.planner.plan(self._candidates())
         self.observer.on_queue(self.waiting, self.running)
         self._iteration += 1
         return StepPlan(self._iteration, admitted, [self._active[k] for k in keys])
@@ -196,6 +198,11 @@ class RequestScheduler:
         r.seq = next(self._seq)
         self._pending.append(r)  # in flight from now on: an engine error fails it too
         return True
+
+    def _newcomer_admitted(self, admitted: list[TrackedRequest]) -> bool:
+        """Whether a request just admitted belongs to a tenant with nothing running while others run."""
+        running = {r.request.tenant for r in self._active.values()}
+        return bool(running) and any(r.request.tenant not in running for r in admitted)
 
     def _promote_ready(self) -> None:
         still = []
