@@ -1,11 +1,17 @@
 """Fairness suite: a tenant flooding the queue against a tenant with a modest load.
 
 Tenant B sends a modest Poisson load; tenant A sends ``--flood`` times as many requests over the same
-period (far above its share). The same traces are replayed against one engine configuration with the
-admission queue fair across tenants (requests labelled by tenant, as the server labels them) and with
-plain first come, first served (no labels: one FIFO). Reported: B's p50/p99 latency alone, under the
-flood with fair admission, and under the flood with FCFS, and the total throughput of both; the
-targets are ``B p99 under flood (fair) / B p99 alone ≤ 1.5`` and ``throughput fair / FCFS ≥ 0.95``.
+period (far above its share). The same traces are replayed side by side:
+
+- ``fair``: requests labelled by tenant, as the server labels them; admission and batch planning fair
+  across tenants (``mixed_batch_rows``, ``idle_credit_row_steps``, ``newcomer_slots``: see
+  :mod:`deft_runtime.engine.planner`);
+- ``fair admission only``: the same labels on an engine whose batch planning ignores tenants (what
+  deft did before fair planning), for comparison;
+- ``fcfs``: no labels: one FIFO, first come, first served.
+
+Reported: B's p50/p99 latency alone and under the flood in each run, and each run's total throughput;
+the targets are ``B p99 under flood (fair) / B p99 alone ≤ 1.5`` and ``throughput fair / FCFS ≥ 0.95``.
 A latency CDF of B's requests is drawn. The engine is the tiny SDXL of ``benchmarks.engine``.
 """
 
@@ -15,6 +21,7 @@ import argparse
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,12 +78,23 @@ def stats(latencies: list[float]) -> dict[str, float]:
     return {"n": int(xs.size), "p50_s": float(np.percentile(xs, 50)), "p99_s": float(np.percentile(xs, 99))}
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def engines(args: argparse.Namespace) -> dict[str, Engine]:
+    """The fair engine (also replays the unlabelled FCFS trace) and one whose planning ignores tenants."""
+    base = {"admission": "continuous", "max_active": args.max_active}
+    fair = {"mixed_batch_rows": args.mixed_rows, "idle_credit_row_steps": args.credit, "newcomer_slots": 1}
+    unfair = {"mixed_batch_rows": None, "idle_credit_row_steps": 0.0, "newcomer_slots": 0}
     torch.manual_seed(0)
-    config = {"admission": "continuous", "max_active": args.max_active}
-    engine, _ = build_engine(config, 1, args.max_batch_rows)
-    try:
+    built = {"fair": build_engine({**base, **fair}, 1, args.max_batch_rows)[0]}
+    built["admission"] = build_engine({**base, **unfair}, 1, args.max_batch_rows)[0]
+    for engine in built.values():
         engine.generate(GenerationRequest("warm-up", num_inference_steps=args.steps, seed=0), timeout=300)
+    return built
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    built = engines(args)
+    engine = built["fair"]
+    try:
         t0 = time.perf_counter()
         engine.generate(GenerationRequest("calibrate", num_inference_steps=args.steps, seed=1), timeout=300)
         service = time.perf_counter() - t0
@@ -86,20 +104,34 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         alone, _ = replay(engine, light, args.steps, fair=True)
         runs = {"fair": replay(engine, light + flood, args.steps, fair=True)}
         runs["fcfs"] = replay(engine, light + flood, args.steps, fair=False)
+        runs["fair admission only"] = replay(built["admission"], light + flood, args.steps, fair=True)
     finally:
-        engine.shutdown()
-    rows: list[dict[str, Any]] = [{"run": "B alone", **stats(alone["B"])}]
+        for e in built.values():
+            e.shutdown()
+    return summarise(args, service, rate_b, alone["B"], runs)
+
+
+def summarise(
+    args: argparse.Namespace,
+    service: float,
+    rate_b: float,
+    alone: list[float],
+    runs: dict[str, tuple[dict[str, list[float]], float]],
+) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = [{"run": "B alone", **stats(alone)}]
     for name, (lat, wall) in runs.items():
         total = sum(len(v) for v in lat.values())
         rows.append({"run": f"B under flood, {name}", **stats(lat["B"]), "throughput_img_s": total / wall})
-    fair_row, fcfs_row = rows[1], rows[2]
+    by_run = {row["run"].removeprefix("B under flood, "): row for row in rows}
+    fcfs = by_run["fcfs"]
     ratios = {
-        "B p99 flood (fair) / alone": fair_row["p99_s"] / rows[0]["p99_s"],
-        "B p99 flood (fcfs) / alone": fcfs_row["p99_s"] / rows[0]["p99_s"],
-        "throughput fair / fcfs": fair_row["throughput_img_s"] / fcfs_row["throughput_img_s"],
+        f"B p99 flood ({name}) / alone": row["p99_s"] / rows[0]["p99_s"] for name, row in by_run.items()
     }
-    curves = {"alone": alone["B"], "fair": runs["fair"][0]["B"], "fcfs": runs["fcfs"][0]["B"]}
-    plot = RESULTS_DIR / f"{args.out}-b-latency-cdf.png"
+    ratios.pop("B p99 flood (B alone) / alone")
+    for name in ("fair", "fair admission only"):
+        ratios[f"throughput {name} / fcfs"] = by_run[name]["throughput_img_s"] / fcfs["throughput_img_s"]
+    curves = {"alone": alone, **{name: lat["B"] for name, (lat, _) in runs.items()}}
+    plot = args.out_dir / f"{args.out}-b-latency-cdf.png"
     plot_cdf(curves, plot)
     return {
         "single_request_service_s": service,
@@ -116,7 +148,7 @@ def plot_cdf(curves: dict[str, list[float]], path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, lat in curves.items():
         xs = np.sort(np.array(lat))
@@ -134,7 +166,8 @@ def plot_cdf(curves: dict[str, list[float]], path: Any) -> None:
 def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
     return (
         f"# fairness (tiny-sdxl, B: {args.requests} requests at {payload['rate_b_req_s']:.2f} req/s, "
-        f"A: {args.flood}x that, {args.steps} steps, max_active {args.max_active})\n\n"
+        f"A: {args.flood}x that, {args.steps} steps, max_active {args.max_active}, max_batch_rows "
+        f"{args.max_batch_rows}, mixed_batch_rows {args.mixed_rows}, idle credit {args.credit:g} row-steps)\n\n"
         + markdown_table(payload["rows"], ["run", "n", "p50_s", "p99_s", "throughput_img_s"])
         + "\n\n"
         + markdown_table([payload["ratios"]], list(payload["ratios"]))
@@ -152,8 +185,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-active", type=int, default=4)
     parser.add_argument("--max-batch-rows", type=int, default=8)
-    parser.add_argument("--out", default="fairness-tiny-sdxl")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--mixed-rows", type=int, default=2, help="fair engine's mixed_batch_rows (2: one CFG request)"
+    )
+    parser.add_argument("--credit", type=float, default=100.0, help="fair engine's idle_credit_row_steps")
+    parser.add_argument("--quick", action="store_true", help="a small run (a smoke test): 4 B requests, A 4x")
+    parser.add_argument("--out", default=None, help="results name (default fairness-tiny-sdxl[-quick])")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.flood, args.steps = 4, 4, 4
+    args.out = args.out or ("fairness-tiny-sdxl-quick" if args.quick else "fairness-tiny-sdxl")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -163,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out,
         lambda _workdir: measure(args),
         machine=lambda: machine_info(torch.device("cpu")),
-        params=vars(args),
+        params={**vars(args), "out_dir": str(args.out_dir)},
         report=lambda _name, payload: report(args, payload),
+        out_dir=args.out_dir,
     )
 
 
