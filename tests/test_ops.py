@@ -227,6 +227,41 @@ def test_four_blended_adapters_of_mixed_ranks(backend: str) -> None:
     check(make_backend(backend), pool, rows, x, y, K=4)
 
 
+@pytest.mark.parametrize(
+    ("case", "tiled"),
+    [
+        ("one weight", True),  # every request its own adapter, CFG rows adjacent
+        ("weights differ", True),
+        ("after a row without adapters", True),
+        ("an untargeted slot", False),  # this layer falls back to the per-slot loop
+        ("ranks differ", False),
+        ("runs of different lengths", None),  # no tiling planned at all
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_batches_take_the_batched_path_and_match_both_oracles(
+    case: str, tiled: bool | None, dtype
+) -> None:
+    """The torch backend's fast path (:class:`Tiling`: slots that tile a block of rows run as two batched
+    matmuls) against both oracles, and it falls back when a layer's pages do not allow it."""
+    from deft_runtime.ops.torch_ops import tiled_add_adapters
+
+    ranks = {"an untargeted slot": [8, 8, 0, 8], "ranks differ": [8, 4, 8, 8]}.get(case, [8, 8, 8, 8])
+    pool = build_pool(24, 40, ranks, dtype=dtype, seed=8)
+    weights = {"weights differ": (1.0, -0.5, 2.0, 0.75)}.get(case, (0.5,) * 4)
+    rows: list[RowAdapters] = [[(s, weights[s])] for s in range(4) for _ in range(2)]
+    if case == "after a row without adapters":
+        rows = [[], *rows]
+    if case == "runs of different lengths":
+        rows = [*rows, [(3, weights[3])]]
+    x, y = random_xy(len(rows), 6, 24, 40, dtype, seed=8)
+    ops = TorchOps()
+    check(ops, pool, rows, x, y)
+    assert (ops.tiling is not None) == (tiled is not None)
+    if ops.tiling is not None:
+        assert tiled_add_adapters(y.clone(), x, pool.pages, ops.tiling) == tiled
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_row_blending_the_same_slot_twice(backend: str) -> None:
     pool = build_pool(24, 40, [8, 16], seed=5)

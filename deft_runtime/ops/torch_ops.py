@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -52,6 +53,71 @@ class Segment:
 
     slot: int
     runs: tuple[Run, ...]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The common shape of a mixed batch: every slot has one run of ``n`` rows, and the runs tile rows
+    ``[start, start + len(slots)·n)`` in slot order with scalar weights (e.g. one adapter per request,
+    its CFG rows adjacent). Then a layer runs one batched matmul pair for all slots at once."""
+
+    start: int
+    n: int
+    slots: tuple[int, ...]
+    alpha: float  # the weight every run shares, or 1.0 when they differ
+    weights: torch.Tensor | None  # float32 ``[len(slots), 1, 1]`` when they differ
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.slots) * self.n
+
+
+def plan_tiling(segments: Sequence[Segment], device: torch.device) -> Tiling | None:
+    """The :class:`Tiling` of ``segments``, or None when they do not tile (pure, bar one small copy)."""
+    if len(segments) < 2 or any(len(seg.runs) != 1 for seg in segments):
+        return None
+    runs = [seg.runs[0] for seg in segments]
+    n = runs[0].stop - runs[0].start
+    if any(r.stop - r.start != n or isinstance(r.weight, torch.Tensor) for r in runs):
+        return None
+    if any(b.start != a.stop for a, b in itertools.pairwise(runs)):
+        return None
+    weights = [float(r.weight) for r in runs]
+    if all(w == weights[0] for w in weights):
+        return Tiling(runs[0].start, n, tuple(seg.slot for seg in segments), weights[0], None)
+    tensor = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1).to(device)
+    return Tiling(runs[0].start, n, tuple(seg.slot for seg in segments), 1.0, tensor)
+
+
+def _rank(index: slice | torch.Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else int(index.numel())
+
+
+def tiled_add_adapters(y: torch.Tensor, x: torch.Tensor, pages: LayerPages, tiling: Tiling) -> bool:
+    """:func:`segmented_add_adapters` for a :class:`Tiling`, as two batched matmuls; False (nothing
+    done) when this layer's pages do not allow it (a slot untargeted here, ranks that differ).
+
+    Pseudo-code (``U`` slots of ``n`` rows, ``T`` tokens)::
+
+        A, B = stack(pages.A[p_u]), stack(pages.B[p_u])          # [U, r, d_in], [U, r, d_out]
+        v = x[rows].view(U, n·T, d_in) @ A.T * weights              # [U, n·T, r]
+        y[rows].view(U, n·T, d_out) += v @ B
+    """
+    if x.dim() != 3 or not (x.is_contiguous() and y.is_contiguous()):
+        return False
+    indices = [pages.page_index[slot] for slot in tiling.slots]
+    if any(index is None for index in indices):
+        return False
+    if len({_rank(index) for index in indices if index is not None}) != 1:
+        return False
+    A = torch.stack([pages.A[index] for index in indices if index is not None])
+    B = torch.stack([pages.B[index] for index in indices if index is not None])
+    u, tokens = len(tiling.slots), tiling.n * x.shape[1]
+    v = torch.bmm(x[tiling.start : tiling.stop].view(u, tokens, -1), A.transpose(1, 2))
+    if tiling.weights is not None:
+        v = v * tiling.weights.to(v.dtype)
+    y[tiling.start : tiling.stop].view(u, tokens, -1).baddbmm_(v, B, alpha=tiling.alpha)
+    return True
 
 
 def plan_runs(rows: list[int], weights: list[float]) -> list[tuple[int, int, list[float]]]:
@@ -116,13 +182,18 @@ def segmented_add_adapters(
 class TorchOps(AdapterOps):
     """``prepare`` plans one segment per distinct slot (runs of consecutive rows) once per forward; each
     layer then runs two matmuls per run, so a rank-4 adapter never pays for rank 64 and rows without
-    adapters cost nothing. Runs that blend different weights read views of one preallocated buffer."""
+    adapters cost nothing. Runs that blend different weights read views of one preallocated buffer.
+
+    When the segments tile a block of rows (:class:`Tiling`: the usual one-adapter-per-request batch),
+    a layer whose slots share one rank runs two batched matmuls for all of them instead of two per slot:
+    the per-op overhead of many small matmuls is what the adapter layers cost on a CPU."""
 
     name: ClassVar[str] = "torch"
 
     def __init__(self) -> None:
         super().__init__()
         self.segments: list[Segment] = []
+        self.tiling: Tiling | None = None
         self._weights = torch.empty(0)
         self._host_weights = torch.empty(0)
 
@@ -147,11 +218,14 @@ class TorchOps(AdapterOps):
         if used:
             self._weights[:used].copy_(self._host_weights[:used])
         self.segments = segments
+        self.tiling = plan_tiling(segments, self._weights.device)
 
     def add_adapters(
         self, y: torch.Tensor, x: torch.Tensor, pages: LayerPages, batch: AdapterBatch
     ) -> torch.Tensor:
         self.check_prepared(batch)
+        if self.tiling is not None and tiled_add_adapters(y, x, pages, self.tiling):
+            return y
         return segmented_add_adapters(y, x, pages, self.segments)
 
 
