@@ -52,9 +52,11 @@ class AccessEntry:
                 ("adapters", self.adapters),
             ]
         pairs += [("latency_s", round(latency_s, 3)), ("warnings", len(self.warnings))]
-        if log_prompts:
-            pairs += [("prompt", self.prompt), ("negative_prompt", self.negative_prompt)]
-        return "generate " + " ".join(f"{k}={_value(v)}" for k, v in pairs if v not in ("", None))
+        line = " ".join(f"{k}={_value(v)}" for k, v in pairs if v not in ("", None))
+        prompts = [("prompt", self.prompt), ("negative_prompt", self.negative_prompt)] if log_prompts else []
+        for name, text in prompts:  # free text: always a JSON string, "" included
+            line += f" {name}={json.dumps(text)}" if text is not None else ""
+        return "generate " + line
 
 
 def _value(value: object) -> str:

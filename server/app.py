@@ -4,7 +4,7 @@ Life cycle (health ``""`` and every deft service report the same status)::
 
     start ──► listening, NOT_SERVING (calls: UNAVAILABLE "loading") ──► model + registry + engine loaded
           ──► SERVING ──SIGTERM/SIGINT──► NOT_SERVING, new requests UNAVAILABLE, in-flight requests
-          finish within --grace-period ──► exit 0
+          finish within --grace-period (the rest then fail UNAVAILABLE, saying so) ──► exit 0
 """
 
 from __future__ import annotations

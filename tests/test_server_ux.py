@@ -142,6 +142,8 @@ def test_access_line_quotes_what_could_be_misread():
     line = entry.line("ok", 0.12345, log_prompts=False)
     assert line.startswith('generate id=ab12 label="my job=7" tenant=acme status=ok steps=4 size=8x8')
     assert line.endswith("latency_s=0.123 warnings=0")
+    entry.prompt, entry.negative_prompt = "ok", ""  # prompts are free text: always JSON strings
+    assert entry.line("ok", 0.1, log_prompts=True).endswith('warnings=0 prompt="ok" negative_prompt=""')
 
 
 def _long_request(address: str, outcome: list[object], started: threading.Event, stream: bool) -> None:
