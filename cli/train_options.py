@@ -94,12 +94,27 @@ class AdapterOptions:
 @dataclass(frozen=True)
 class OptimOptions:
     lr: Annotated[
-        float, _option("learning rate of R / LoRA and the gate (paper, SDXL personalization: 5e-5)", _OPTIM)
-    ] = 5e-5
+        float | None,
+        _option("learning rate of R / LoRA and the gate (default: the model's, see --steps)", _OPTIM),
+    ] = None
     p_lr_scale: Annotated[
         float, _option("P and H train at lr × this (differentiated learning rates)", _OPTIM)
     ] = 0.1
-    steps: Annotated[int, _option("optimizer steps (paper, SDXL personalization: 500)", _OPTIM)] = 500
+    steps: Annotated[
+        int | None,
+        _option(
+            "optimizer steps. Defaults per model: shapes-sdxl lr 3e-3, 300 steps, --latents mean; "
+            "any other model the paper's SDXL personalization settings, lr 5e-5, 500 steps, --latents sample",
+            _OPTIM,
+        ),
+    ] = None
+    latents: Annotated[
+        str | None,
+        _option(
+            "sample | mean: encode images to a VAE posterior sample or its mean (default: the model's)",
+            _OPTIM,
+        ),
+    ] = None
     batch_size: Annotated[int, _option("instance images per step (plus as many class images)", _OPTIM)] = 1
     lr_schedule: Annotated[str, _option("constant | cosine (both after --warmup-steps)", _OPTIM)] = "constant"
     warmup_steps: Annotated[int, _option("linear warm-up steps", _OPTIM)] = 0
@@ -186,6 +201,7 @@ def build_config(o: TrainOptions) -> TrainConfig:
     from deft_runtime.train import config as c
 
     a, opt, run = o.adapter, o.optim, o.run
+    defaults = c.train_defaults(o.base.model)
     return c.TrainConfig(
         model=o.base.model,
         concepts=_concepts(o.data),
@@ -198,13 +214,14 @@ def build_config(o: TrainOptions) -> TrainConfig:
         init=_choice("--init", a.init, ("identity", "random")),
         cache_projector=a.cache_projector,
         targets=tuple(a.target) if a.target else c.DEFAULT_TRAIN_TARGETS,
-        lr=opt.lr,
+        lr=defaults["lr"] if opt.lr is None else opt.lr,
         p_lr_scale=opt.p_lr_scale,
         weight_decay=opt.weight_decay,
         schedule=_choice("--lr-schedule", opt.lr_schedule, ("constant", "cosine")),
         warmup_steps=opt.warmup_steps,
         max_grad_norm=opt.max_grad_norm or None,
-        steps=opt.steps,
+        steps=defaults["steps"] if opt.steps is None else opt.steps,
+        latents=_choice("--latents", opt.latents or defaults["latents"], ("sample", "mean")),
         batch_size=opt.batch_size,
         resolution=o.data.resolution,
         center_crop=o.data.center_crop,

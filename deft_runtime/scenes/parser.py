@@ -16,7 +16,9 @@ Reads a 64x64 image and returns background colour, foreground colour, shape and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -24,7 +26,14 @@ from PIL import Image
 from deft_runtime.scenes.language import IMAGE_SIZE, PALETTE, POSITIONS, SHAPES
 from deft_runtime.scenes.render import render_coverage, shape_outline
 
-__all__ = ["ParsedScene", "parse_image", "shape_moments"]
+__all__ = [
+    "ParsedScene",
+    "fit_template",
+    "nearest_position",
+    "parse_image",
+    "read_foreground",
+    "shape_moments",
+]
 
 _BORDER = 2
 _FOREGROUND_DISTANCE = 35.0  # half the closest palette pair (yellow/orange, 71 apart)
@@ -90,29 +99,41 @@ def _soft_mask(pixels: np.ndarray, bg_rgb: np.ndarray) -> tuple[np.ndarray, np.n
     return fg_rgb, np.clip(t, 0.0, 1.0)
 
 
-def _match_shape(mask: np.ndarray) -> tuple[str, float, tuple[float, float], dict[str, float]]:
-    """(best shape, its soft IoU, its bounding-box centre, IoU per shape) for a soft mask."""
+Template = Callable[[float, float, float], np.ndarray]  # (size, cx, cy) -> [64, 64] coverage
+
+
+def fit_template(
+    mask: np.ndarray, template: Template, moments: tuple[float, float]
+) -> tuple[float, tuple[float, float]]:
+    """(soft IoU, bounding-box centre) of ``template`` rendered at the scale that gives the mask's area
+    and placed where its centroid is the mask's; ``moments`` = :func:`shape_moments` of the template."""
+    unit_area, unit_dy = moments
     area = float(mask.sum())
     ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
     mx, my = float((mask * xs).sum() / area), float((mask * ys).sum() / area)
+    size = math.sqrt(area / unit_area)
+    centre = (mx, my - unit_dy * size)
+    fitted = template(size, *centre)
+    return float(np.minimum(mask, fitted).sum() / np.maximum(mask, fitted).sum()), centre
+
+
+def _match_shape(mask: np.ndarray) -> tuple[str, float, tuple[float, float], dict[str, float]]:
+    """(best shape, its soft IoU, its bounding-box centre, IoU per shape) for a soft mask."""
     scores: dict[str, float] = {}
     centres: dict[str, tuple[float, float]] = {}
-    for shape, (unit_area, unit_dy) in _MOMENTS.items():
-        size = math.sqrt(area / unit_area)
-        centre = (mx, my - unit_dy * size)
-        template = render_coverage(shape, size, *centre)
-        scores[shape] = float(np.minimum(mask, template).sum() / np.maximum(mask, template).sum())
-        centres[shape] = centre
+    for shape, moments in _MOMENTS.items():
+        scores[shape], centres[shape] = fit_template(mask, partial(render_coverage, shape), moments)
     best = max(scores, key=scores.__getitem__)
     return best, scores[best], centres[best], scores
 
 
-def _nearest_position(centre: tuple[float, float]) -> str:
+def nearest_position(centre: tuple[float, float]) -> str:
     return min(POSITIONS, key=lambda p: math.dist(POSITIONS[p], centre))
 
 
-def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
-    """Read a 64x64 scene (PIL image or ``[64, 64, 3]`` array of 0-255 sRGB values)."""
+def read_foreground(image: Image.Image | np.ndarray) -> tuple[str, str | None, np.ndarray | None]:
+    """(background colour, foreground colour, soft foreground mask): steps 1 and 2 of the parser
+    (colour and mask are None when no foreground is found)."""
     pixels = _as_array(image)
     border = np.concatenate(
         [
@@ -126,7 +147,14 @@ def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
     background = _nearest_colour(bg_rgb)
     found = _soft_mask(pixels, bg_rgb)
     if found is None:
+        return background, None, None
+    return background, _nearest_colour(found[0]), found[1]
+
+
+def parse_image(image: Image.Image | np.ndarray) -> ParsedScene:
+    """Read a 64x64 scene (PIL image or ``[64, 64, 3]`` array of 0-255 sRGB values)."""
+    background, foreground, mask = read_foreground(image)
+    if mask is None:
         return ParsedScene(background, None, None, None, 0.0, dict.fromkeys(SHAPES, 0.0))
-    fg_rgb, mask = found
     shape, iou, centre, scores = _match_shape(mask)
-    return ParsedScene(background, _nearest_colour(fg_rgb), shape, _nearest_position(centre), iou, scores)
+    return ParsedScene(background, foreground, shape, nearest_position(centre), iou, scores)

@@ -8,6 +8,7 @@ where coverage is the fraction of its 16 subpixel centres inside the shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -15,9 +16,19 @@ from PIL import Image
 
 from deft_runtime.scenes.language import IMAGE_SIZE, PALETTE, POSITIONS, SHAPES, Scene
 
-__all__ = ["SUPERSAMPLE", "coverage", "render", "render_coverage", "render_image", "shape_outline"]
+__all__ = [
+    "SUPERSAMPLE",
+    "coverage",
+    "inside_polygon",
+    "region_coverage",
+    "render",
+    "render_coverage",
+    "render_image",
+    "shape_outline",
+]
 
 SUPERSAMPLE = 4
+Inside = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (xs, ys) -> bool mask, broadcast
 _STAR_INNER = 0.5  # inner radius / outer radius: chunkier than a pentagram so 20 px stars stay legible
 
 
@@ -52,7 +63,7 @@ def _star_corners(size: float) -> list[tuple[float, float]]:
     return corners
 
 
-def _inside_polygon(xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+def inside_polygon(xs: np.ndarray, ys: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     """Even-odd rule point-in-polygon test, vectorised over the sample grid."""
     inside = np.zeros(np.broadcast(xs, ys).shape, dtype=bool)
     for (x1, y1), (x2, y2) in zip(polygon, np.roll(polygon, -1, axis=0), strict=True):
@@ -76,6 +87,17 @@ def render_coverage(shape: str, size: float, cx: float, cy: float) -> np.ndarray
     """:func:`coverage` without the cache (for one-off geometry such as the parser's templates)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {list(SHAPES)}")
+    if shape == "circle":
+        return region_coverage(
+            lambda xs, ys: (xs - cx) ** 2 + (ys - cy) ** 2 <= (size / 2) ** 2, size, cx, cy
+        )
+    polygon = shape_outline(shape, size, cx, cy)
+    return region_coverage(lambda xs, ys: inside_polygon(xs, ys, polygon), size, cx, cy)
+
+
+def region_coverage(inside_fn: Inside, size: float, cx: float, cy: float) -> np.ndarray:
+    """``[64, 64]`` coverage of the region ``inside(xs, ys)`` (subpixel-centre arrays, broadcast), which
+    lies within ``size * 0.75`` of ``(cx, cy)``; the machinery every shape (and every concept) renders by."""
     out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     reach = size * 0.75 + 2  # the window holds the whole shape with a margin
     x0, x1 = max(0, math.floor(cx - reach)), min(IMAGE_SIZE, math.ceil(cx + reach))
@@ -85,10 +107,7 @@ def render_coverage(shape: str, size: float, cx: float, cy: float) -> np.ndarray
     offsets = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
     xs = (np.arange(x0, x1)[:, None] + offsets).reshape(1, -1)  # subpixel centres, [1, W*S]
     ys = (np.arange(y0, y1)[:, None] + offsets).reshape(-1, 1)  # [H*S, 1]
-    if shape == "circle":
-        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= (size / 2) ** 2
-    else:
-        inside = _inside_polygon(xs, ys, shape_outline(shape, size, cx, cy))
+    inside = np.broadcast_to(inside_fn(xs, ys), (ys.shape[0], xs.shape[1]))
     window = inside.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
     out[y0:y1, x0:x1] = window
     return out

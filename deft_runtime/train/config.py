@@ -33,10 +33,28 @@ PAPER_RANK_GENERAL = 32
 PAPER_LR_SDXL = 5e-5
 PAPER_STEPS_SDXL = 500
 
+#: The settings a base model may override (field names of :class:`TrainConfig`); ``deft train``
+#: fills the ones a user leaves out from :func:`train_defaults`.
+PAPER_TRAIN_DEFAULTS: dict[str, Any] = {"lr": PAPER_LR_SDXL, "steps": PAPER_STEPS_SDXL, "latents": "sample"}
+#: Per-model trainer defaults where the paper's SDXL ones do not fit. shapes-sdxl (measured with
+#: tests/test_concepts.py and ``python -m benchmarks quality``): its denoiser was trained on VAE
+#: posterior means (the posterior's spread is as wide as the latents'), and it is small enough to
+#: take a far higher learning rate.
+MODEL_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "shapes-sdxl": {"lr": 3e-3, "steps": 300, "latents": "mean"},
+}
+
+
+def train_defaults(model: str) -> dict[str, Any]:
+    """The trainer defaults for base ``model``: the paper's, with the model's own overrides."""
+    return {**PAPER_TRAIN_DEFAULTS, **MODEL_TRAIN_DEFAULTS.get(model, {})}
+
+
 InitMode = Literal["identity", "random"]
 Schedule = Literal["constant", "cosine"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 TimestepSampling = Literal["uniform", "logit_normal"]
+LatentEncoding = Literal["sample", "mean"]
 
 #: Fields a resumed run may change; every other field must equal the checkpoint's.
 RESUMABLE_CHANGES = frozenset(
@@ -122,6 +140,7 @@ class TrainConfig:
     random_flip: bool = False
     prior: PriorPreservation | None = None
     timestep_sampling: TimestepSampling = "logit_normal"  # flow matching only
+    latents: LatentEncoding = "sample"  # VAE posterior sample (diffusers' DreamBooth) or its mean
     seed: int = 0
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False

@@ -217,7 +217,7 @@ class TrainingSession:
         the step's own generator, so the same ``step`` always gives the same inputs)."""
         generator = seeded_generator(self.config.seed, "step", step)
         batch = self.data.batch(step, generator)
-        latents = encode_images(self.pipe.vae, batch.pixels, generator)
+        latents = encode_images(self.pipe.vae, batch.pixels, generator, mean=self.config.latents == "mean")
         with self._autocast():
             per_sample = self.objective.losses(latents, batch, generator)  # [b]
         instance = per_sample[: batch.num_instance].mean()

@@ -43,10 +43,14 @@ class Objective(Protocol):
     def losses(self, latents: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor: ...
 
 
-def encode_images(vae: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``x0 = (latent_dist.sample(generator) − shift) · scaling_factor`` (shift only if the VAE has one)."""
+def encode_images(
+    vae: Any, pixels: torch.Tensor, generator: torch.Generator, *, mean: bool = False
+) -> torch.Tensor:
+    """``x0 = (latent_dist.sample(generator) − shift) · scaling_factor`` (shift only if the VAE has one);
+    ``mean``: the posterior mean instead of a sample (for a base trained on means, like shapes-sdxl)."""
     with torch.no_grad():
-        sample = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        sample = posterior.mean if mean else posterior.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             sample = sample - shift

@@ -1,0 +1,57 @@
+"""``python -m benchmarks quality --quick``: the suite runs end to end and its report has the right shape
+(no assertion about which method wins: that is what the full run measures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmarks import quality
+
+
+def test_methods_cover_every_projector_mode_the_issue_names() -> None:
+    labels = {m.label for m in quality.METHODS}
+    assert labels == {
+        "deft-plain",
+        "deft-relu",
+        "deft-qr",
+        "deft-svd",
+        "deft-qr-gated",
+        "para-qr",
+        "para-tsvd",
+        "para-nmf",
+        "para-eig",
+        "lora",
+    }
+    assert set(quality.TUNED_LR) == set(quality.FAMILIES)
+
+
+def test_unknown_method_is_refused_with_the_choices() -> None:
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--methods", "dora"])
+
+
+def test_quick_run_writes_report_plot_and_grid(tmp_path: Path) -> None:
+    payload = quality.main(["--quick", "--threads", "1", "--results-dir", str(tmp_path)])
+    methods = [row["method"] for row in payload["summary"]]
+    assert methods == ["deft-qr", "para-qr", "lora"]
+    for row in payload["summary"]:
+        assert row["runs"] == 1
+        for metric in quality.METRICS:
+            assert 0.0 <= row[f"{metric}_mean"] <= 1.0, (row["method"], metric)
+            assert row[f"{metric}_std"] == 0.0  # one run: no spread
+    for run in payload["runs"]:
+        assert run["steps"] == 20 and run["lr"] == quality.TUNED_LR[run["method"].split("-")[0]]
+        assert all(0.0 <= run[m] <= 1.0 for m in (*quality.METRICS, "colours"))
+    assert 0.0 <= payload["base"]["prior"] <= 1.0
+    written = json.loads((tmp_path / "quality-quick.json").read_text())
+    assert written["suite"] == "quality" and len(written["runs"]) == 3
+    markdown = (tmp_path / "quality-quick.md").read_text()
+    assert "| deft-qr |" in markdown and "paper" in markdown
+    with Image.open(tmp_path / "quality-quick-grid.png") as grid:  # 3 rows of 4 samples, shown at 2x
+        assert grid.size == (2 * (4 * 66 + 2), 2 * (3 * 66 + 2))
+    with Image.open(tmp_path / "quality-quick.png") as plot:
+        assert plot.width > 300
