@@ -3,6 +3,7 @@ injected as the source of adapters given by name."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from deft_runtime.errors import AdapterNotFound, DeftError
 if TYPE_CHECKING:
     from deft_runtime.adapter import Adapter
     from deft_runtime.export.onnx import ExportResult
+    from deft_runtime.export.onnx.manifest import AdapterEntry
 
 MIN_OPSET = 17  # deft_runtime.export.onnx.MIN_OPSET (not imported: --help stays fast)
 
@@ -149,12 +151,32 @@ def export_onnx_command(flags: ExportFlags) -> None:
     _print_summary(result)
 
 
+def _identity(adapter: AdapterEntry) -> str:
+    """The sha256 the registry knows an adapter by: of the bytes uploaded (``deft adapters show``
+    prints it; for a folder, the file in it that ``deft adapters register`` uploads). The manifest
+    records it as ``source_sha256``, beside ``sha256``, a digest of the tensors."""
+    from deft_files.folders import AdapterFolderError, adapter_in_folder
+    from deft_runtime.export.onnx.adapters import file_sha256
+
+    if adapter.origin == "registry":
+        return f"sha256 {adapter.source_sha256} (of the registered bytes)"
+    path = Path(adapter.location)
+    with contextlib.suppress(AdapterFolderError, OSError):
+        path = adapter_in_folder(path) if path.is_dir() else path
+    if path.is_file():
+        return f"sha256 {file_sha256(path)} (of the bytes of {path.name}, as a registry records it)"
+    return (
+        f"sha256 {adapter.source_sha256} (of its files' sha256 list; a registry hashes the tar it receives)"
+    )
+
+
 def _print_summary(result: ExportResult) -> None:
     manifest = result.manifest
     for a in manifest.adapters:
         console.print(
             f"merged [bold]{escape(a.source)}[/] x{a.weight:g}: {a.kind}, {a.layers} layers, "
-            f"sha256 {a.sha256[:12]}"
+            f"{escape(_identity(a))}",
+            soft_wrap=True,
         )
     table = Table("file", "inputs", "outputs", "max abs error")
     for entry in manifest.files.values():

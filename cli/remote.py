@@ -61,7 +61,8 @@ def adapters_register(
         info = client.register_adapter(name, path, public=public, denoiser_only=denoiser_only)
     for warning in dropped:
         err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", soft_wrap=True)
-    console.print(f"registered [bold]{escape(info.name)}[/]: {escape(_describe(info))}")
+    console.print(f"registered [bold]{escape(info.name)}[/]: {escape(_describe(info))}", soft_wrap=True)
+    console.print(f"sha256 {info.sha256} (of the uploaded bytes)", highlight=False)
 
 
 @adapters_app.command("list")

@@ -41,7 +41,7 @@ def train_command(connection: Connection, **groups: Any) -> None:
     if name is not None:
         info = _register(name, connection, result.out / "adapter.deft.safetensors")
         console.print(
-            f"registered {info.name!r} on {connection.address}: {info.kind}, sha256 {info.sha256[:12]}",
+            f"registered {info.name!r} on {connection.address}: {info.kind}, sha256 {info.sha256}",
             soft_wrap=True,
         )
 
