@@ -17,6 +17,8 @@ SUITES = {
     "ray-affinity": "benchmarks.ray_affinity",
     "fairness": "benchmarks.fairness",
     "quality-base": "benchmarks.quality_base",
+    "quality": "benchmarks.quality",
+    "efficiency": "benchmarks.efficiency",
 }
 
 

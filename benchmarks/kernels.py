@@ -54,6 +54,8 @@ PRESETS: dict[str, list[LayerCase]] = {
         LayerCase("self-attn d1280", 1280, 1280, 1024),
         LayerCase("cross-attn k 2048->1280", 2048, 1280, 77),
     ],
+    # benchmarks/gpu_check.sh --cpu-dry-run: every code path, sizes the Triton interpreter runs in seconds
+    "dry": [LayerCase("dry run d64", 64, 64, 16)],
 }
 BATCH = 8
 

@@ -311,3 +311,44 @@ def test_run_suite_measures_in_a_temporary_folder_and_writes_every_report(tmp_pa
         out_dir=tmp_path,
     )
     assert seen[-1] == kept and (kept / "scratch").exists()
+
+
+def test_efficiency_suite_times_every_phase_of_a_saturated_engine(tmp_path):
+    """--quick on tiny-sdxl: the engine ran full-batch forwards (the bare roofline is measured on their
+    own inputs), every instrumented phase saw time, the shares add up to the wall time, and the engine's
+    methods are its own again afterwards."""
+    from benchmarks import efficiency
+
+    payload = efficiency.main(["--quick", "--results-dir", str(tmp_path)])
+    (row,) = payload["rows"]
+    assert row["model"] == "tiny-sdxl" and 0 < row["efficiency"] < 2
+    assert row["bare_rows_s"] > 0 and row["engine_rows_s"] > 0
+    parts = row["breakdown"]
+    assert set(parts) == set(efficiency.PHASES)
+    for phase in (
+        "bare forward",
+        "row mapping",
+        "input assembly",
+        "guidance",
+        "NaN checks",
+        "decode",
+        "planning",
+    ):
+        assert parts[phase] > 0, phase
+    assert abs(sum(parts.values()) - 1) < 1e-9
+    assert 0.2 < parts["bare forward"] < 1
+    latency = row["single_request"]
+    for pair in ("deft / diffusers", "deft + adapter / diffusers + PEFT"):
+        assert 0.2 < latency[pair] < 5, (pair, latency)  # both sides really ran the same request
+    assert (tmp_path / "efficiency-quick.md").read_text().count("tiny-sdxl") >= 2
+    assert (tmp_path / "efficiency-quick.png").stat().st_size > 0
+
+    class Thing:
+        def f(self) -> int:
+            return 1
+
+    thing, timer = Thing(), efficiency.PhaseTimer()
+    timer.wrap(thing, "f", "f")
+    assert "f" in vars(thing) and thing.f() == 1 and timer.seconds["f"] > 0
+    timer.restore()
+    assert "f" not in vars(thing)  # the class's method again
