@@ -39,7 +39,7 @@ def taken_port() -> Iterator[int]:
 
 @pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--http-port"])
 def test_a_taken_port_is_one_message_naming_its_flag(server_factory, taken_port, flag):
-    server = server_factory.start(flag, str(taken_port), wait=False)
+    server = server_factory.start(flag, str(taken_port), wait=False, via_cli=True)  # the real `deft serve`
     assert server.wait(120) == 2
     log = server.log()
     assert f"port {taken_port} is in use" in log and f"pass {flag} PORT" in log, log
