@@ -80,7 +80,7 @@ def inspect(
         adapter = load_adapter(path)
     except DeftError as e:
         raise fail(e) from e
-    layers = {
+    layers: dict[str, dict[str, Any]] = {
         name: {
             "rank": layer.rank,
             "scale": layer.scale,

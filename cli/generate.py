@@ -62,6 +62,7 @@ def generate(
     count = base.num_images if base is not None and request.num_images is None else chosen.num_images or 1
     keep = [base.image_index] if base is not None and request.num_images is None else list(range(count))
     paths = checked_outputs(out, len(keep), overwrite=overwrite)
+    assert chosen.prompt is not None  # _merged refuses a request without one
     with connect(connection) as client:
         adapters = _adapter_uses(client, chosen, base)
         result = _stream_with_progress(
@@ -70,6 +71,8 @@ def generate(
     records = [_record(chosen, result, adapters, i, count) for i in range(len(result.images))]
     for path, index in zip(paths, keep, strict=True):
         _save(result.images[index], path, records[index])
+    for warning in result.warnings:  # e.g. a prompt cut to the text encoder's 77 tokens
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     console.print(f"seed {result.seed}, {result.steps} steps in {result.total_seconds:.1f}s")
     if count > 1:
         console.print(

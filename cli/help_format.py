@@ -17,12 +17,16 @@ import inspect
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.markup import escape
-from typer.core import TyperArgument, TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperOption
 
+if TYPE_CHECKING:
+    from typer._click.core import Command  # typer 0.29 vendors click; get_command's return type
+
+C = TypeVar("C", bound="Command")  # what typer.main.get_command returns: TyperCommand, TyperGroup
 MIN_HELP_WIDTH = 120  # deft serve's longest flag and [DEFT_VARIABLE; default] fit uncut
 MAX_CHOICES_METAVAR = 16  # a longer list of choices shows as CHOICE (the help text names them)
 _DEFAULT_IN_TEXT = re.compile(r"\s*\(default:? ([^()]*(?:\([^()]*\)[^()]*)*)\)")
@@ -36,7 +40,7 @@ class _PlainArgument(TyperArgument):
         name = self.display_name_raw
         return name if self.required else f"[{name}]"
 
-    def display_type_rich(self, ctx: typer.Context) -> str | None:
+    def display_type_rich(self, ctx: Any) -> str | None:
         return None
 
 
@@ -45,7 +49,7 @@ def help_width() -> int:
     return max(shutil.get_terminal_size((MIN_HELP_WIDTH, 24)).columns, MIN_HELP_WIDTH)
 
 
-def tidy(command: TyperCommand, *, defaults: bool = True) -> TyperCommand:
+def tidy(command: C, *, defaults: bool = True) -> C:
     """Apply the conventions above to ``command`` and its subcommands, in place; ``defaults=False``
     leaves the switches and the default texts alone (``deft serve``'s generated flags have their own
     ``[DEFT_VAR; default]`` style)."""

@@ -161,3 +161,10 @@ def test_from_png_refuses_an_image_without_parameters(tmp_path):
     assert result.returncode == 1 and "has no deft.generation text chunk" in result.stderr, result.stderr
     with pytest.raises(ValueError, match="not deft.generation/1"):
         GenerationRecord.from_json('{"format": "other"}')
+
+
+def test_a_truncated_prompt_is_a_warning(server, tmp_path):
+    long_prompt = " ".join(["a red circle on a blue background"] * 20)  # far beyond 77 tokens
+    result = generate(server, tmp_path / "long.png", "--prompt", long_prompt, "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "77" in result.stderr, result.stderr
