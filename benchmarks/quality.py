@@ -17,6 +17,7 @@ Mean ± std over concepts × seeds per method; JSON + markdown + a bar plot + a 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,7 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, run_suite, string_params
+from benchmarks.common import (
+    RESULTS_DIR,
+    machine_info,
+    markdown_table,
+    run_suite,
+    string_params,
+    write_report,
+)
 from benchmarks.quality_base import save_grid
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.scenes.concept_quality import adapted, concept_contexts, evaluate_concept, evaluate_prior
@@ -80,6 +88,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 concept, 1 seed, 3 methods")
     parser.add_argument("--out", default=None, help="report name (default quality, or quality-quick)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the reports go")
+    parser.add_argument("--runs-log", type=Path, default=None, help="append each run here (JSON lines)")
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        default=None,
+        help="only write the report of a --runs-log (e.g. a cut-short run)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods) - {m.label for m in METHODS})
     if unknown:
@@ -178,6 +193,7 @@ def sweep(bench: Bench, methods: Sequence[Method]) -> dict[str, Any]:
             result = bench.run(bench.args.concepts[0], representative, 0, lr, bench.args.steps)
             result.pop("samples")
             trials.append(result)
+            _log_run(bench.args, {**result, "method": f"sweep {result['method']}"})
             scored.append((result["fidelity"] + result["prompt_following"], lr))
         chosen[fam] = max(scored)[1]
     return {"chosen": chosen, "trials": trials}
@@ -192,16 +208,15 @@ def measure(args: argparse.Namespace, workdir: Path, grid_path: Path | None) -> 
     base_scores, _ = evaluate_concept(bench.pipe, contexts, **bench.evaluation())
     base_prior = evaluate_prior(bench.pipe, args.prior_prompts, seed=1000, **bench.evaluation())
     runs, grid = [], []
-    for concept in args.concepts:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seeds outermost: a run cut short still covers every method and concept
+        for concept in args.concepts:
             for method in methods:
                 result = bench.run(concept, method, seed, tuning["chosen"][family(method)], args.steps)
                 samples = result.pop("samples")
                 if seed == 0:
                     grid.append(samples)
                 runs.append(result)
-                scores = ", ".join(f"{k} {result[k]:.3f}" for k in METRICS)
-                print(f"{concept} seed {seed} {method.label}: {scores}", flush=True)
+                _log_run(args, result)
     if grid_path is not None:
         save_grid(grid_path, [image for row in grid for image in row], columns=4)
     return {
@@ -211,6 +226,15 @@ def measure(args: argparse.Namespace, workdir: Path, grid_path: Path | None) -> 
         "runs": runs,
         "grid_rows": [f"{c} / {m.label}" for c in args.concepts for m in methods],
     }
+
+
+def _log_run(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Print the run and append it to ``--runs-log`` (JSON lines: what a cut-short run leaves)."""
+    scores = ", ".join(f"{k} {result[k]:.3f}" for k in METRICS)
+    print(f"{result['concept']} seed {result['seed']} {result['method']}: {scores}", flush=True)
+    if args.runs_log is not None:
+        with args.runs_log.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(result) + "\n")
 
 
 def ordering(summary: list[dict[str, Any]], metric: str = "prompt_following") -> dict[str, float]:
@@ -229,7 +253,11 @@ def report(name: str, payload: dict[str, Any]) -> str:
         | {m: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS}
         for r in summary
     ]
-    base = payload["base"]
+    base = payload["base"] or {
+        "fidelity": float("nan"),
+        "prompt_following": float("nan"),
+        "prior": float("nan"),
+    }
     best = ordering(summary)
     order = " > ".join(sorted(best, key=best.__getitem__, reverse=True))
     return (
@@ -266,9 +294,33 @@ def figure(path: Path, payload: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def from_runs(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The report of the runs a ``--runs-log`` holds (no training): what a cut-short full run measured."""
+    rows = [json.loads(line) for line in args.from_runs.read_text(encoding="utf-8").splitlines() if line]
+    runs = [r for r in rows if not r["method"].startswith("sweep ")]
+    labels = [m.label for m in METHODS if any(r["method"] == m.label for r in runs)]
+    payload = {
+        "suite": "quality",
+        "partial": True,
+        "machine": {**machine_info(torch.device("cpu")), "threads": args.threads},
+        "params": {**string_params(args), "seeds": str(sorted({r["seed"] for r in runs}))},
+        "summary": summarise(runs, labels),
+        "base": None,
+        "learning_rates": {"trials": [r for r in rows if r["method"].startswith("sweep ")]},
+        "runs": runs,
+        "grid_rows": [],
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    figure(args.results_dir / f"{name}.png", payload)
+    write_report(name, payload, report(name, payload), args.results_dir)
+    return payload
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     name = args.out or ("quality-quick" if args.quick else "quality")
+    if args.from_runs is not None:
+        return from_runs(args, name)
     grid = args.results_dir / f"{name}-grid.png"
     return run_suite(
         "quality",

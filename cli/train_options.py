@@ -103,8 +103,9 @@ class OptimOptions:
     steps: Annotated[
         int | None,
         _option(
-            "optimizer steps. Defaults per model: shapes-sdxl lr 3e-3, 300 steps, --latents mean; "
-            "any other model the paper's SDXL personalization settings, lr 5e-5, 500 steps, --latents sample",
+            "optimizer steps. Defaults per model: shapes-sdxl lr 3e-3, 300 steps, batch size 4, --latents mean; "
+            "any other model the paper's SDXL personalization settings: lr 5e-5, 500 steps, batch size 1, "
+            "--latents sample",
             _OPTIM,
         ),
     ] = None
@@ -115,7 +116,10 @@ class OptimOptions:
             _OPTIM,
         ),
     ] = None
-    batch_size: Annotated[int, _option("instance images per step (plus as many class images)", _OPTIM)] = 1
+    batch_size: Annotated[
+        int | None,
+        _option("instance images per step (plus as many class images; default: the model's)", _OPTIM),
+    ] = None
     lr_schedule: Annotated[str, _option("constant | cosine (both after --warmup-steps)", _OPTIM)] = "constant"
     warmup_steps: Annotated[int, _option("linear warm-up steps", _OPTIM)] = 0
     weight_decay: Annotated[
@@ -222,7 +226,7 @@ def build_config(o: TrainOptions) -> TrainConfig:
         max_grad_norm=opt.max_grad_norm or None,
         steps=defaults["steps"] if opt.steps is None else opt.steps,
         latents=_choice("--latents", opt.latents or defaults["latents"], ("sample", "mean")),
-        batch_size=opt.batch_size,
+        batch_size=defaults["batch_size"] if opt.batch_size is None else opt.batch_size,
         resolution=o.data.resolution,
         center_crop=o.data.center_crop,
         random_flip=o.data.random_flip,

@@ -35,13 +35,18 @@ PAPER_STEPS_SDXL = 500
 
 #: The settings a base model may override (field names of :class:`TrainConfig`); ``deft train``
 #: fills the ones a user leaves out from :func:`train_defaults`.
-PAPER_TRAIN_DEFAULTS: dict[str, Any] = {"lr": PAPER_LR_SDXL, "steps": PAPER_STEPS_SDXL, "latents": "sample"}
+PAPER_TRAIN_DEFAULTS: dict[str, Any] = {
+    "lr": PAPER_LR_SDXL,
+    "steps": PAPER_STEPS_SDXL,
+    "batch_size": 1,
+    "latents": "sample",
+}
 #: Per-model trainer defaults where the paper's SDXL ones do not fit. shapes-sdxl (measured with
 #: tests/test_concepts.py and ``python -m benchmarks quality``): its denoiser was trained on VAE
 #: posterior means (the posterior's spread is as wide as the latents'), and it is small enough to
 #: take a far higher learning rate.
 MODEL_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "shapes-sdxl": {"lr": 3e-3, "steps": 300, "latents": "mean"},
+    "shapes-sdxl": {"lr": 3e-3, "steps": 300, "batch_size": 4, "latents": "mean"},
 }
 
 
