@@ -15,7 +15,7 @@ Two measurements, both in this one run:
    "device" is host memory) and of evicted factors on disk (disk → device, what a cold request waits
    for). Each stage is timed alone, round-robin; the eviction before an acquire is not timed.
 
-The target is disk → device ≤ 2 x the bare read. Files are read from the page cache (they were just
+The target is disk → device ≤ 1.5 x the bare read (issue 19; it was 2 x before). Files are read from the page cache (they were just
 written; dropping the cache would need root and would disturb other work on the machine), so the floor
 is a memory-bandwidth floor, the harshest one.
 """
@@ -247,7 +247,7 @@ def component_case(
         "file MiB": path.stat().st_size / 2**20,
         **{f"{k} ms": v * 1e3 for k, v in medians.items()},
         "disk→device / read": ratio,
-        "target": judge(ratio, 2.0, at_most=True)["verdict"],
+        "target": judge(ratio, 1.5, at_most=True)["verdict"],
     }
 
 

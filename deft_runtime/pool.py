@@ -107,7 +107,7 @@ class _HostFactors:
 @dataclass
 class _Resident:
     slot: int
-    pages: dict[str, torch.Tensor]  # layer → int64 page ids (host)
+    pages: dict[str, list[int]]  # layer → page ids
     nbytes: int
     version: str
     pins: int = 0
@@ -148,6 +148,8 @@ class AdapterPool:
         }
         self._free_pages = {name: list(range(self.num_pages - 1, -1, -1)) for name in layer_shapes}
         self._free_slots = list(range(config.max_slots - 1, -1, -1))
+        #: 0, 1, … num_pages-1 on the device: page-table rows of a contiguous run are a view of it
+        self._page_numbers = torch.arange(self.num_pages, dtype=torch.int32, device=config.device)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
         self._host: OrderedDict[str, _HostFactors] = OrderedDict()
         self._host_bytes = 0
@@ -314,9 +316,10 @@ class AdapterPool:
                 raise PoolExhausted(
                     f"adapter {name!r} has rank {f.rank} in {layer!r}, above the pool's max_rank {self.config.max_rank}"
                 )
+            # the compiled cache's views are already A and Bᵀ, contiguous: no copy unless the dtype differs
             a = f.A.to(self.config.dtype).contiguous()
             bt = f.B.T.to(self.config.dtype).contiguous()
-            A[layer], Bt[layer] = (a.pin_memory(), bt.pin_memory()) if pin else (a, bt)
+            A[layer], Bt[layer] = (_pinned(a), _pinned(bt)) if pin else (a, bt)
         nbytes = sum(t.numel() * t.element_size() for t in (*A.values(), *Bt.values()))
         return _HostFactors(A=A, Bt=Bt, nbytes=nbytes, version=version)
 
@@ -343,16 +346,13 @@ class AdapterPool:
             lp = self.layers[layer]
             lp.page_index[res.slot] = None
             lp.ranks[res.slot] = 0
-            self._free_pages[layer].extend(pages.tolist())
+            self._free_pages[layer].extend(reversed(pages))  # popped again in ascending order
         self._free_slots.append(res.slot)
         self.stats.evictions["device"] += 1
 
     def _copy_to_device(self, name: str, host: _HostFactors, need: Mapping[str, int]) -> _Resident:
         slot = self._free_slots.pop()
-        pages = {
-            layer: torch.tensor([self._free_pages[layer].pop() for _ in range(r)], dtype=torch.int64)
-            for layer, r in need.items()
-        }
+        pages = {layer: [self._free_pages[layer].pop() for _ in range(r)] for layer, r in need.items()}
         stream = self._stream
         if stream is not None:
             # pages may have just been freed by an eviction: kernels already queued on the compute
@@ -361,13 +361,7 @@ class AdapterPool:
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for layer, ids in pages.items():
-                lp = self.layers[layer]
-                dev_ids = ids.to(lp.A.device, non_blocking=True)
-                lp.A.index_copy_(0, dev_ids, host.A[layer].to(lp.A.device, non_blocking=True))
-                lp.B.index_copy_(0, dev_ids, host.Bt[layer].to(lp.B.device, non_blocking=True))
-                lp.page_table[slot, : ids.numel()] = dev_ids.to(torch.int32)
-                lp.ranks[slot] = ids.numel()
-                lp.page_index[slot] = _as_slice(ids) or dev_ids
+                self._write_pages(self.layers[layer], slot, ids, host.A[layer], host.Bt[layer])
             event = None
             if stream is not None:
                 event = torch.cuda.Event()
@@ -377,12 +371,36 @@ class AdapterPool:
         self.stats.loads["device"] += 1
         return res
 
+    def _write_pages(
+        self, lp: LayerPages, slot: int, ids: list[int], A: torch.Tensor, Bt: torch.Tensor
+    ) -> None:
+        """One layer's factors into its pages ``ids``: a contiguous run (the usual case: pages are handed
+        out in order) is two slice copies and a view of the page numbers; scattered pages index-copy."""
+        r = len(ids)
+        run = _as_slice(ids)
+        if run is not None:
+            lp.A[run].copy_(A, non_blocking=True)
+            lp.B[run].copy_(Bt, non_blocking=True)
+            lp.page_table[slot, :r].copy_(self._page_numbers[run], non_blocking=True)
+            lp.page_index[slot] = run
+        else:
+            dev_ids = torch.tensor(ids, dtype=torch.int64).to(lp.A.device, non_blocking=True)
+            lp.A.index_copy_(0, dev_ids, A.to(lp.A.device, non_blocking=True))
+            lp.B.index_copy_(0, dev_ids, Bt.to(lp.B.device, non_blocking=True))
+            lp.page_table[slot, :r] = dev_ids.to(torch.int32)
+            lp.page_index[slot] = dev_ids
+        lp.ranks[slot] = r
 
-def _as_slice(ids: torch.Tensor) -> slice | None:
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_pinned() else t.pin_memory()
+
+
+def _as_slice(ids: list[int]) -> slice | None:
     """``slice(a, b)`` when ``ids`` is exactly ``a, a+1, …, b-1`` (then pages are read as a view)."""
-    if ids.numel() == 0:
+    if not ids:
         return None
-    start = int(ids[0])
-    if torch.equal(ids, torch.arange(start, start + ids.numel(), dtype=ids.dtype)):
-        return slice(start, start + ids.numel())
+    start = ids[0]
+    if ids == list(range(start, start + len(ids))):
+        return slice(start, start + len(ids))
     return None

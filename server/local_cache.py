@@ -4,7 +4,7 @@ Layout::
 
     blobs/sha256/ab/abcdef…                      uploaded bytes by sha256 (SQLite: the blobs themselves;
                                                  PostgreSQL: a cache, filled on first use)
-    compiled/<base digest>/<sha256>.safetensors  compiled factors (B, A) per layer, float32 (a cache)
+    compiled/<base digest>/<sha256>.safetensors  compiled factors (A, Bᵀ) per layer, float32 (a cache)
     tmp/<pid>-<token>/                          this process's uploads in progress
     tmp/<pid>-<token>.claims/<sha256>           bytes this process is registering (kept from GC)
     .space-reserve                              bytes set aside so deletions work on a full disk
@@ -23,16 +23,14 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
+from deft_server.compiled_file import COMPILED_FORMAT, compiled_tensors, read_compiled
 
 from deft_runtime.adapter import AdapterKind, BaseFingerprint
-from deft_runtime.compile import CompiledAdapter, LowRankFactors
-from deft_runtime.errors import AdapterFormatError
-from deft_runtime.formats.safetensors_io import read_safetensors, write_safetensors_atomic
+from deft_runtime.compile import CompiledAdapter
+from deft_runtime.formats.safetensors_io import write_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
-_COMPILED_FORMAT = "deft.compiled"
 #: bytes kept free in ``--data-dir`` (a file released when the disk is full), so deleting adapters, which
 #: needs a little space for SQLite's journal, works on a full disk and frees the space
 RESERVE_BYTES = 1 << 20
@@ -159,37 +157,30 @@ class LocalCache:
         return self.compiled / base_digest / f"{sha256}.safetensors"
 
     def save_compiled(self, sha256: str, base_digest: str, compiled: CompiledAdapter) -> None:
-        tensors = {}
-        for layer, f in compiled.factors.items():
-            tensors[f"{layer}.B"], tensors[f"{layer}.A"] = f.B.float(), f.A.float()
-        metadata = {"format": _COMPILED_FORMAT, "kind": compiled.kind.value, "base_digest": base_digest}
+        metadata = {"format": COMPILED_FORMAT, "kind": compiled.kind.value, "base_digest": base_digest}
         if compiled.fingerprint is not None:
             metadata["fingerprint"] = compiled.fingerprint.to_json()
-        write_safetensors_atomic(self.compiled_path(sha256, base_digest), tensors, metadata)
+        write_safetensors_atomic(
+            self.compiled_path(sha256, base_digest), compiled_tensors(compiled), metadata
+        )
 
     def load_compiled(self, sha256: str, base_digest: str) -> CompiledAdapter | None:
-        """The cached factors, or None when they are not cached (or the file is not ours)."""
-        path = self.compiled_path(sha256, base_digest)
-        if not path.is_file():
+        """The cached factors (views of one buffer read at once: :mod:`deft_server.compiled_file`), or
+        None when they are not cached (or the file is not ours, or damaged)."""
+        read = read_compiled(self.compiled_path(sha256, base_digest))
+        if read is None:
+            return None
+        factors, metadata = read
+        if metadata.get("format") != COMPILED_FORMAT or metadata.get("base_digest") != base_digest:
             return None
         try:
-            tensors, metadata = read_safetensors(path)
-        except AdapterFormatError:
+            kind = AdapterKind(metadata["kind"])
+            fingerprint = (
+                BaseFingerprint.from_json(metadata["fingerprint"]) if "fingerprint" in metadata else None
+            )
+        except (KeyError, ValueError):
             return None
-        if metadata.get("format") != _COMPILED_FORMAT or metadata.get("base_digest") != base_digest:
-            return None
-        factors = {
-            layer: LowRankFactors(B=tensors[f"{layer}.B"], A=tensors[f"{layer}.A"])
-            for layer in _layers(tensors)
-        }
-        fingerprint = (
-            BaseFingerprint.from_json(metadata["fingerprint"]) if "fingerprint" in metadata else None
-        )
-        return CompiledAdapter(
-            kind=AdapterKind(metadata["kind"]),
-            factors=factors,
-            fingerprint=fingerprint,  # type: ignore[arg-type]
-        )
+        return CompiledAdapter(kind=kind, factors=factors, fingerprint=fingerprint)  # type: ignore[arg-type]
 
 
 def _clear_abandoned_tmp(tmp_root: Path) -> None:
@@ -212,10 +203,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _layers(tensors: dict[str, torch.Tensor]) -> Iterator[str]:
-    return (key.removesuffix(".B") for key in tensors if key.endswith(".B"))
 
 
 def _fsync_dir(folder: Path) -> None:
