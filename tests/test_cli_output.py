@@ -140,7 +140,8 @@ def test_defaults_are_shown_and_model_defaults_to_what_serve_serves():
         "training image size [default: the base's, 1024 for SDXL]",
         "[default: qr; none for lora]",
         "injection scale s = alpha / rank [default: s = 1]",
-        "[default: 500]",
+        "replace an existing --out (and a stale run directory)",
+        "cpu | cuda | cuda:N [default: auto]",
     ):
         assert shown in text, shown
     served = ServerSettings.model_fields["model"].default
