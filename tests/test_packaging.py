@@ -27,7 +27,8 @@ def test_core_imports_without_optional_extras():
 def test_every_python_package_is_listed_in_pyproject():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    dirs = {"deft_runtime": ROOT / "deft_runtime", **{k: ROOT / v for k, v in config["package-dir"].items()}}
+    top_level = {name: ROOT / name for name in ("deft_files", "deft_runtime")}
+    dirs = {**top_level, **{k: ROOT / v for k, v in config["package-dir"].items()}}
     found = set()
     for top, directory in dirs.items():
         for init in directory.rglob("__init__.py"):
@@ -36,13 +37,15 @@ def test_every_python_package_is_listed_in_pyproject():
     assert found == listed, f"pyproject packages differ: missing {found - listed}, stale {listed - found}"
 
 
-def test_four_import_names_resolve_to_this_checkout():
+def test_five_import_names_resolve_to_this_checkout():
     import deft_cli
     import deft_client
     import deft_server
 
+    import deft_files
     import deft_runtime
 
+    assert Path(deft_files.__file__).is_relative_to(ROOT / "deft_files")
     assert Path(deft_runtime.__file__).is_relative_to(ROOT / "deft_runtime")
     assert Path(deft_server.__file__).is_relative_to(ROOT / "server")
     assert Path(deft_client.__file__).is_relative_to(ROOT / "clients" / "python")
