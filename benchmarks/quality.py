@@ -203,7 +203,7 @@ def measure(args: argparse.Namespace, workdir: Path, grid_path: Path | None) -> 
     torch.set_num_threads(args.threads)
     bench = Bench(args, workdir)
     methods = [m for m in METHODS if m.label in args.methods]
-    tuning = sweep(bench, methods) if args.sweep else {"chosen": dict(TUNED_LR), "trials": []}
+    tuning: dict[str, Any] = sweep(bench, methods) if args.sweep else {"chosen": dict(TUNED_LR), "trials": []}
     contexts = concept_contexts(args.concepts[0], args.prompts)
     base_scores, _ = evaluate_concept(bench.pipe, contexts, **bench.evaluation())
     base_prior = evaluate_prior(bench.pipe, args.prior_prompts, seed=1000, **bench.evaluation())

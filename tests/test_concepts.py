@@ -202,24 +202,38 @@ def test_trained_adapter_draws_the_concept_in_prompted_colours_and_keeps_the_pri
 
 
 def test_walkthrough_registers_and_generates_on_a_real_server(server_factory, heart_adapter: Path, tmp_path):
-    """The walkthrough's last two commands against `deft serve --model shapes-sdxl`."""
+    """The walkthrough's last two commands against `deft serve --model shapes-sdxl`: the served images
+    are the adapted pipeline's (same seed), and differ from the base's."""
+    import torch
+
+    from deft_runtime.formats import load_adapter
+    from deft_runtime.models import load_pipeline
+    from deft_runtime.scenes.concept_quality import adapted
+    from deft_runtime.scenes.quality import generate_images
+
     server = server_factory.start("--model", "shapes-sdxl")
     runner = CliRunner()
     registered = runner.invoke(
         app, ["adapters", "register", "heart", str(heart_adapter), "--server", server.address]
     )
     assert registered.exit_code == 0, registered.output
-    reads = []
-    for seed in range(4):
+    prompt, seeds = "a green sks on a yellow background", [0, 1]
+    served = []
+    for seed in seeds:
         out = tmp_path / f"heart-{seed}.png"
-        args = ["generate", "--prompt", "a green sks on a yellow background", "--adapter", "heart"]
+        args = ["generate", "--prompt", prompt, "--adapter", "heart", "--steps", "25", "--guidance", "5"]
         generated = runner.invoke(
             app, [*args, "--seed", str(seed), "--out", str(out), "--server", server.address]
         )
         assert generated.exit_code == 0, generated.output
         with Image.open(out) as image:
-            assert image.size == (64, 64)
-            reads.append(read_concept(np.asarray(image.convert("RGB")), "heart"))
-    print(reads)
-    assert all(r.background == "yellow" for r in reads), reads
-    assert sum(r.foreground == "green" for r in reads) >= 3, reads
+            served.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+    torch.set_num_threads(1)
+    pipe = load_pipeline("shapes-sdxl")
+    base = generate_images(pipe, [prompt] * 2, seeds, steps=25, guidance_scale=5.0)
+    with adapted(pipe, load_adapter(heart_adapter)) as tuned:
+        expected = generate_images(tuned, [prompt] * 2, seeds, steps=25, guidance_scale=5.0)
+    for got, want, plain in zip(served, expected, base, strict=True):
+        assert np.abs(got - want).max() <= 3, "the server draws what the adapted pipeline draws"
+        assert np.abs(got - plain).max() > 20, "the adapter changes the image"
+        assert read_concept(got.astype(np.uint8), "heart").foreground == "green"
