@@ -148,6 +148,7 @@ def result_message(result: GenerationResult) -> generation_pb2.Result:
         steps=result.steps,
         queue_seconds=result.queue_seconds,
         total_seconds=result.total_seconds,
+        guidance_scale=result.guidance_scale,  # None (unset) when the engine did not say
     )
 
 

@@ -148,7 +148,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 message = await asyncio.to_thread(event_message, event)
                 if message is not None:
                     if message.HasField("result"):
-                        message.result.warnings.extend(entry.warnings)
+                        self._annotate(message.result, entry)
                     yield message
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -169,7 +169,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             async for event in bridge.events():
                 if event.kind is EventKind.RESULT and event.result is not None:
                     result = await asyncio.to_thread(result_message, event.result)
-                    result.warnings.extend(entry.warnings)
+                    self._annotate(result, entry)
                     return generation_pb2.GenerateResponse(request_id=event.request_id, result=result)
             raise RuntimeError("the engine finished the request without a result")
         except asyncio.CancelledError:
@@ -180,6 +180,12 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             raise
         finally:
             self._finish(handle, status, start, entry)
+
+    def _annotate(self, result: generation_pb2.Result, entry: AccessEntry) -> None:
+        """What the engine's result lacks: the request's warnings and the base model's name."""
+        result.warnings.extend(entry.warnings)
+        if self.state.runtime is not None:
+            result.model = self.state.runtime.model_name
 
     def _finish(self, handle: RequestHandle | None, status: str, start: float, entry: AccessEntry) -> None:
         """Record the RPC's outcome; a request the client abandoned stops at the engine's next step."""

@@ -121,9 +121,12 @@ def test_png_carries_the_parameters_and_from_png_reproduces_the_pixels(server, t
         "adapters": [{"name": "dog", "weight": 0.75, "sha256": sha256}],
         "num_images": 1,
         "image_index": 0,
-        "model": None,
+        "model": "tiny-sdxl",  # the server's --model, as its result reports it
         "deft_version": __version__,
     }
+    defaults = tmp_path / "defaults.png"
+    assert generate(server, defaults, "--prompt", "a red ball", "--seed", "3").returncode == 0
+    assert read_record(defaults).guidance_scale == 5.0  # the model's default, as the server used it
     again = tmp_path / "again.png"
     repeated = deft("generate", "--from-png", str(first), "--out", str(again), "--server", server.address)
     assert repeated.returncode == 0, repeated.stderr

@@ -284,7 +284,7 @@ class RequestScheduler:
         assert req.seed is not None and req.num_inference_steps is not None
         steps = req.num_inference_steps
         queued, total = r.started - r.submitted, now - r.submitted
-        result = GenerationResult(r.public_id, images, req.seed, queued, total, steps)
+        result = GenerationResult(r.public_id, images, req.seed, queued, total, steps, req.guidance_scale)
         self.observer.on_request_done("ok", total, queued, len(images))
         r.emit(GenerationEvent(EventKind.RESULT, r.public_id, step=steps, total_steps=steps, result=result))
         if not r.handle.future.done():  # the caller may have cancelled the future meanwhile

@@ -125,3 +125,4 @@ class GenerationResult:
     queue_seconds: float
     total_seconds: float
     steps: int
+    guidance_scale: float | None = None  # as used (the model's default when the request left it out)

@@ -4,8 +4,8 @@ back with ``--from-png``.
 Two chunks (UTF-8 ``iTXt``):
 
 - ``deft.generation``: one JSON object, :class:`GenerationRecord`'s fields and ``"format":
-  "deft.generation/1"``. ``null`` means "the server's default" (``guidance_scale``/``model``: the
-  protocol's result does not report them). Image ``image_index`` of ``num_images`` came from one
+  "deft.generation/1"``. ``guidance_scale`` and ``model`` are what the server's result reports
+  it used (``null`` only from servers too old to say). Image ``image_index`` of ``num_images`` came from one
   request with that seed: all images of a request are drawn from one generator (as diffusers does), so
   image *i* is reproduced by the same request (same seed, ``num_images``, parameters and adapters, on
   the same base model) and taking its image *i*, which is what ``--from-png`` does.
@@ -46,11 +46,11 @@ class GenerationRecord:
     width: int
     height: int
     negative_prompt: str | None = None
-    guidance_scale: float | None = None  # None: the model's default
+    guidance_scale: float | None = None  # None: the model's default (an older server did not say which)
     adapters: list[AdapterUse] = field(default_factory=list)
     num_images: int = 1
     image_index: int = 0
-    model: str | None = None  # None: the server's base model (not reported by the protocol)
+    model: str | None = None  # the server's base model (``Result.model``; None from older servers)
     deft_version: str = ""
 
     def to_json(self) -> str:

@@ -100,6 +100,9 @@ class Result:
     total_seconds: float
     #: what the server says about how it read the request (e.g. a prompt truncated to 77 tokens)
     warnings: tuple[str, ...] = ()
+    #: the guidance scale the server used, and its base model's name (None / "" from older servers)
+    guidance_scale: float | None = None
+    model: str = ""
 
 
 GenerationEvent = Queued | Started | Progress | Preview | Result
@@ -120,6 +123,8 @@ def result_from_message(request_id: str, msg: generation_pb2.Result) -> Result:
         queue_seconds=msg.queue_seconds,
         total_seconds=msg.total_seconds,
         warnings=tuple(msg.warnings),
+        guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
+        model=msg.model,
     )
 
 

@@ -81,20 +81,24 @@ class Image(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("images", "seed", "steps", "queue_seconds", "total_seconds", "warnings")
+    __slots__ = ("images", "seed", "steps", "queue_seconds", "total_seconds", "warnings", "guidance_scale", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     seed: int
     steps: int
     queue_seconds: float
     total_seconds: float
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    guidance_scale: float
+    model: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., guidance_scale: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("request_id", "queued", "started", "progress", "preview", "result")
