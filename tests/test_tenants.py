@@ -241,13 +241,14 @@ def test_the_audit_log_records_without_secrets(server, keys):
 
 def test_the_access_log_names_the_tenant(server, keys):
     with DeftClient(server.address, token=keys["alice"], timeout=300) as alice:
-        alice.generate("a secret prompt", steps=1, request_id="tenant-line")
+        alice.generate("a quokka-marmalade prompt", steps=1, request_id="tenant-line")
     deadline = time.monotonic() + 30
     while not (lines := [ln for ln in server.log().splitlines() if "label=tenant-line" in ln]):
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
     assert "deft_server.access: generate" in lines[0] and " tenant=alice status=ok" in lines[0]
-    assert "secret" not in server.log()
+    # the prompt never reaches the log (other tests of this module log adapter names like secret-cat)
+    assert "quokka-marmalade" not in server.log()
 
 
 def test_health_needs_no_key(server):
