@@ -138,6 +138,7 @@ def summarise(
         "rate_b_req_s": rate_b,
         "rows": rows,
         "ratios": ratios,
+        "b_latencies_s": {name: sorted(lat) for name, lat in curves.items()},
         "plot": plot.name,
     }
 

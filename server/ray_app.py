@@ -58,10 +58,10 @@ there. ``token=…`` makes the ingress require ``authorization: Bearer …`` lik
 does (:mod:`deft_server.tenants_auth`: the same messages, the same one-second cache, so a revocation
 reaches the ingress within a second; failures are audited), and hands the resolved tenant to the
 replica, which runs the call as that tenant: ownership (another tenant's adapter answers NOT_FOUND like
-a missing name, List shows one's own and the public ones), quotas (per replica, as per server), the
-engine's fair share (``weight``) and the metrics' tenant label (``metrics_tenant_labels``) are the single
-server's. The routing id is then qualified by the tenant (``alice/dog+style``), so two tenants' ``dog``
-never share an id, and a replica warms the adapters that tenant's names resolve to. The ingress opens
+a missing name, List shows one's own and the public ones), quotas (per replica, as per server) and the
+engine's fair share (``weight``) are the single server's; the metrics' optional tenant label
+(``metrics_tenant_labels``) is not carried to Ray replicas yet. The routing id is then qualified by the
+tenant (``alice/dog+style``), so two tenants' ``dog`` never share an id, and a replica warms the adapters that tenant's names resolve to. The ingress opens
 the registry for keys only (``registry=postgresql://…`` in a fleet; ``data_dir`` on one machine).
 Client certificates do not reach the ingress (Serve's proxy ends TLS), so ``tls_client_tenants`` is
 not supported here.
@@ -273,7 +273,9 @@ class DeftReplica:
         registry, as at Generate)."""
         pool = self.runtime.pool
         # as the engine names them: the tenant's own adapter, else the public one
-        names = tuple(name for name, _ in self.runtime.registry.qualify(tuple((n, 1.0) for n in names), tenant))
+        names = tuple(
+            name for name, _ in self.runtime.registry.qualify(tuple((n, 1.0) for n in names), tenant)
+        )
         try:
             pool.acquire(names)  # loads (registry → host cache → device pages) and pins ...
             pool.release(names)  # ... then unpins: resident until the pool needs the room
@@ -372,6 +374,32 @@ class DeftReplica:
 # ---------------------------------------------------------------------------------------- ingress
 
 
+class TenantKeys:
+    """``auth=keys`` at the ingress: the gRPC server's key check (:mod:`deft_server.tenants_auth`)
+    against the keys of the registry the replicas share, opened at the first call."""
+
+    def __init__(self, data_dir: str, registry: str | None) -> None:
+        self.data_dir, self.registry = data_dir, registry
+        self._store: AdapterStore | None = None
+        self._resolver: KeyResolver | None = None
+
+    async def tenant(self, metadata: Any) -> tuple[Tenant | None, str]:
+        """``(tenant, "")`` for a valid key in ``metadata``, else ``(None, why it is refused)``."""
+        key, refusal = bearer_key([value for name, value in metadata or () if name == "authorization"])
+        if refusal:
+            return None, refusal
+        if self._resolver is None:
+            self._store = await asyncio.to_thread(open_store, Path(self.data_dir), self.registry)
+            self._resolver = KeyResolver(self._store)
+        tenant = await asyncio.to_thread(self._resolver.resolve, key)
+        return (tenant, "") if tenant is not None else (None, INVALID_KEY)
+
+    def __del__(self) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
+
+
 class DeftIngress:
     """Serve's gRPC entry point for ``deft.v1``: picks the routing id, forwards, maps the outcome."""
 
@@ -381,20 +409,27 @@ class DeftIngress:
         token: str | None = None,
         upload_limits: UploadLimits | None = None,
         routing: str = "affinity",
+        keys: TenantKeys | None = None,
     ):
         self.replicas = replicas
         self.affinity = routing == "affinity"
         self.token = BearerToken(token) if token else None
+        self.keys = keys
         self.upload_limits = upload_limits or ServerSettings.model_validate({}).upload_limits()
 
-    def _routing_id(self, request: generation_pb2.GenerateRequest) -> str:
-        return request_set_id(request) if self.affinity else ""
+    def _routing_id(self, request: generation_pb2.GenerateRequest, tenant: Tenant | None) -> str:
+        return request_set_id(request, tenant) if self.affinity else ""
 
-    def _check_token(self, context: Any) -> Failure | None:
-        if self.token is None or context is None:
-            return None
-        refusal = self.token.refusal(context.invocation_metadata())
-        return None if refusal is None else Failure(grpc.StatusCode.UNAUTHENTICATED.name, refusal, ())
+    async def _caller(self, context: Any) -> tuple[Tenant | None, Failure | None]:
+        """Who the call acts for (None: no tenant keys), or why it is refused (UNAUTHENTICATED)."""
+        metadata = context.invocation_metadata() if context is not None else ()
+        if self.keys is not None:
+            tenant, refusal = await self.keys.tenant(metadata)
+        elif self.token is not None and context is not None:
+            tenant, refusal = None, self.token.refusal(metadata) or ""
+        else:
+            return None, None
+        return tenant, (Failure(grpc.StatusCode.UNAUTHENTICATED.name, refusal, ()) if refusal else None)
 
     @staticmethod
     def _fail_unary(context: Any, replica: str, failure: Failure) -> None:
@@ -408,14 +443,14 @@ class DeftIngress:
     async def GenerateOnce(
         self, request: generation_pb2.GenerateRequest, grpc_context: Any = None
     ) -> generation_pb2.GenerateResponse:
-        denied = self._check_token(grpc_context)
+        tenant, denied = await self._caller(grpc_context)
         if denied is not None:
             self._fail_unary(grpc_context, "", denied)
             return generation_pb2.GenerateResponse()
         handle = self.replicas.options(
-            method_name="generate_once", multiplexed_model_id=self._routing_id(request)
+            method_name="generate_once", multiplexed_model_id=self._routing_id(request, tenant)
         )
-        replica, outcome = await handle.remote(request.SerializeToString())
+        replica, outcome = await handle.remote(request.SerializeToString(), tenant)
         if isinstance(outcome, Failure):
             self._fail_unary(grpc_context, replica, outcome)
             return generation_pb2.GenerateResponse()
@@ -426,13 +461,13 @@ class DeftIngress:
     async def Generate(
         self, request: generation_pb2.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        denied = self._check_token(grpc_context)
+        tenant, denied = await self._caller(grpc_context)
         if denied is not None:
             _fail_stream(grpc_context, denied)
         handle = self.replicas.options(
-            method_name="generate", multiplexed_model_id=self._routing_id(request), stream=True
+            method_name="generate", multiplexed_model_id=self._routing_id(request, tenant), stream=True
         )
-        events = cast(DeploymentResponseGenerator, handle.remote(request.SerializeToString()))
+        events = cast(DeploymentResponseGenerator, handle.remote(request.SerializeToString(), tenant))
         async for kind, value in events:
             if kind == "replica":
                 if grpc_context is not None:  # sent with the first event, kept to the end
@@ -443,12 +478,12 @@ class DeftIngress:
                 _fail_stream(grpc_context, value)
 
     async def _adapter_call(self, method: str, request: Any, context: Any, reply_type: Any) -> Any:
-        denied = self._check_token(context)
+        tenant, denied = await self._caller(context)
         if denied is not None:
             self._fail_unary(context, "", denied)
             return reply_type()
         handle = self.replicas.options(method_name="adapter_call")
-        replica, outcome = await handle.remote(method, request.SerializeToString())
+        replica, outcome = await handle.remote(method, request.SerializeToString(), tenant)
         if isinstance(outcome, Failure):
             self._fail_unary(context, replica, outcome)
             return reply_type()
@@ -471,7 +506,7 @@ class DeftIngress:
 
     async def RegisterAdapter(self, request_stream: Any, grpc_context: Any = None) -> adapters_pb2.Adapter:
         """Client streaming: gather the chunks (bounded as ``deft serve`` bounds them), then one replica registers."""
-        denied = self._check_token(grpc_context)
+        tenant, denied = await self._caller(grpc_context)
         if denied is not None:
             self._fail_unary(grpc_context, "", denied)
             return adapters_pb2.Adapter()
@@ -491,7 +526,7 @@ class DeftIngress:
         except Exception as e:
             self._fail_unary(grpc_context, "", Failure.of(e))
             return adapters_pb2.Adapter()
-        replica, outcome = await self.replicas.options(method_name="register_adapter").remote(chunks)
+        replica, outcome = await self.replicas.options(method_name="register_adapter").remote(chunks, tenant)
         if isinstance(outcome, Failure):
             self._fail_unary(grpc_context, replica, outcome)
             return adapters_pb2.Adapter()
@@ -544,10 +579,13 @@ def build_app(args: Mapping[str, Any]) -> Any:
         },
     )(DeftReplica).bind(settings, max_adapter_sets, torch_threads)
     token = checked.token.get_secret_value() if checked.token else None
+    if checked.tls_client_tenants is not None:
+        raise ValueError("tls_client_tenants: client certificates do not reach a Ray Serve ingress")
+    keys = TenantKeys(str(checked.data_dir), checked.registry) if checked.auth_mode == "keys" else None
     ingress = serve.deployment(
         name="DeftIngress",
         num_replicas=1,
         max_ongoing_requests=max(1000, num_replicas * checked.max_queue),
         ray_actor_options={"num_cpus": 0},
     )(DeftIngress)
-    return ingress.bind(replica, token, checked.upload_limits(), routing)
+    return ingress.bind(replica, token, checked.upload_limits(), routing, keys)

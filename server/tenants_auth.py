@@ -88,6 +88,16 @@ class KeyResolver:
             self.store.audit.record("auth.fail", key_id=key_id, result="invalid key")
 
 
+def bearer_key(given: list[Any]) -> tuple[str, str]:
+    """``(key, "")`` from a call's ``authorization`` values, or ``("", why it is refused)``."""
+    if len(given) != 1:
+        return "", MISSING_KEY if not given else "send exactly one authorization header"
+    value = given[0] if isinstance(given[0], str) else ""
+    if not value.startswith("Bearer "):
+        return "", "the authorization header must read 'Bearer deft_…'"
+    return value.removeprefix("Bearer "), ""
+
+
 class KeyAuth(grpc.aio.ServerInterceptor):
     """The ``--auth keys`` interceptor; ``store()`` is the registry's store once loaded, else None."""
 
@@ -110,15 +120,13 @@ class KeyAuth(grpc.aio.ServerInterceptor):
         given = [value for key, value in details.invocation_metadata or () if key == "authorization"]
         if not given and self._subjects is not None:
             return acting_by_certificate(handler, self._subject_resolver_now)
-        if len(given) != 1:
-            return _denying(handler, MISSING_KEY if not given else "send exactly one authorization header")
-        value = given[0] if isinstance(given[0], str) else ""
-        if not value.startswith("Bearer "):
-            return _denying(handler, "the authorization header must read 'Bearer deft_…'")
+        key, refusal = bearer_key(given)
+        if refusal:
+            return _denying(handler, refusal)
         resolver = self._resolver_now()
         if resolver is None:
             return _denying(handler, LOADING, grpc.StatusCode.UNAVAILABLE)
-        tenant = await asyncio.to_thread(resolver.resolve, value.removeprefix("Bearer "))
+        tenant = await asyncio.to_thread(resolver.resolve, key)
         return _denying(handler, INVALID_KEY) if tenant is None else _acting(handler, tenant)
 
     def _resolver_now(self) -> KeyResolver | None:
