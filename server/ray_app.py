@@ -224,7 +224,7 @@ class DeftReplica:
         logging.getLogger("deft_server").setLevel(self.settings.log_level)
         if torch_threads > 0 and not torch.cuda.is_available():
             torch.set_num_threads(torch_threads)
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(tenant_labels=self.settings.metrics_tenant_labels)
         self.runtime = load_runtime(self.settings, self.metrics)
         self.state = ServerState(runtime=self.runtime)
         self.metrics.live.runtime = self.runtime
