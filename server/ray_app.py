@@ -58,9 +58,9 @@ there. ``token=…`` makes the ingress require ``authorization: Bearer …`` lik
 does (:mod:`deft_server.tenants_auth`: the same messages, the same one-second cache, so a revocation
 reaches the ingress within a second; failures are audited), and hands the resolved tenant to the
 replica, which runs the call as that tenant: ownership (another tenant's adapter answers NOT_FOUND like
-a missing name, List shows one's own and the public ones), quotas (per replica, as per server) and the
-engine's fair share (``weight``) are the single server's; the metrics' optional tenant label
-(``metrics_tenant_labels``) is not carried to Ray replicas yet. The routing id is then qualified by the
+a missing name, List shows one's own and the public ones), quotas (per replica, as per server), the
+engine's fair share (``weight``) and the metrics' optional tenant label (``metrics_tenant_labels``) are
+the single server's. The routing id is then qualified by the
 tenant (``alice/dog+style``), so two tenants' ``dog`` never share an id, and a replica warms the adapters that tenant's names resolve to. The ingress opens
 the registry for keys only (``registry=postgresql://…`` in a fleet; ``data_dir`` on one machine).
 Client certificates do not reach the ingress (Serve's proxy ends TLS), so ``tls_client_tenants`` is

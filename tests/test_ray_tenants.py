@@ -11,6 +11,7 @@ one's own and the public ones; the metrics' tenant label names the tenant.
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +158,13 @@ def test_another_tenants_adapter_answers_like_a_missing_one(address, keys, files
             assert hidden.message.replace("secret-cat", "?") == missing.message.replace("no-such-cat", "?")
         assert [i.name for i in carol.list_adapters()] == []
         assert alice.get_adapter("secret-cat").owner == "alice"  # untouched by carol's delete
+
+
+def test_the_metrics_tenant_label_names_the_caller(address, keys):
+    with client(address, keys["carol"]) as carol:
+        carol.generate("a plain picture", **REQUEST)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).read().decode()
+    assert 'tenant="carol"' in text
 
 
 def test_a_revoked_key_is_refused_by_the_ingress_within_a_second(address, reference, keys):
