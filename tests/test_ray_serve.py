@@ -16,6 +16,7 @@ import socket
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,13 @@ def admin(request, server_factory, adapter_files, tmp_path_factory) -> tuple[Any
     return server, registry
 
 
-@pytest.fixture(scope="module")
-def ray_address(admin, tiny_model_cache) -> Iterator[str]:
-    """Serve's gRPC ingress in front of 2 CPU replicas; Ray is shut down (all its processes) at the end."""
-    _, registry = admin
+@contextmanager
+def serve_deft(settings: dict[str, str], num_cpus: int) -> Iterator[str]:
+    """Ray with ``num_cpus``, Serve's gRPC ingress and the deft app built from ``settings``; yields the
+    ingress address; Serve and Ray (all their processes) are shut down at the end."""
     port = free_port()
     ray.init(
-        num_cpus=4,
+        num_cpus=num_cpus,
         object_store_memory=128 << 20,
         include_dashboard=False,
         log_to_driver=False,
@@ -133,23 +134,29 @@ def ray_address(admin, tiny_model_cache) -> Iterator[str]:
             grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICE_FUNCTIONS),
             http_options={"host": "127.0.0.1", "port": free_port()},
         )
-        app = build_app(
-            {
-                **registry,
-                "model": "tiny-sdxl",
-                "cache_dir": str(tiny_model_cache),
-                "device": "cpu",
-                "num_replicas": "2",
-                "num_cpus": "0.5",
-                "max_ongoing_requests": "1",
-                "metrics_port": str(METRICS_BASE),
-            }
-        )
-        serve.run(app, name="deft")
+        serve.run(build_app(settings), name="deft")
         yield f"127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_address(admin, tiny_model_cache) -> Iterator[str]:
+    """Serve's gRPC ingress in front of 2 CPU replicas."""
+    _, registry = admin
+    settings = {
+        **registry,
+        "model": "tiny-sdxl",
+        "cache_dir": str(tiny_model_cache),
+        "device": "cpu",
+        "num_replicas": "2",
+        "num_cpus": "0.5",
+        "max_ongoing_requests": "1",
+        "metrics_port": str(METRICS_BASE),
+    }
+    with serve_deft(settings, num_cpus=4) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,8 @@ from deft_runtime.testing import random_adapter
 
 ray = pytest.importorskip("ray", reason="the Ray Serve tests need: pip install 'deft[ray]'")
 serve = pytest.importorskip("ray.serve", reason="the Ray Serve tests need: pip install 'deft[ray]'")
-from deft_server.ray_app import SERVICE_FUNCTIONS, build_app  # noqa: E402
 from deft_server.tenants_auth import INVALID_KEY, MISSING_KEY  # noqa: E402
-from ray.serve.config import gRPCOptions  # noqa: E402
+from test_ray_serve import serve_deft  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 120
@@ -67,35 +66,19 @@ def keys(reference) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def address(reference, tiny_model_cache) -> Iterator[str]:
-    port = free_port()
-    ray.init(
-        num_cpus=2,
-        object_store_memory=128 << 20,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
-    )
-    try:
-        serve.start(
-            grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICE_FUNCTIONS),
-            http_options={"host": "127.0.0.1", "port": free_port()},
-        )
-        settings = {
-            "auth": "keys",
-            "data_dir": str(reference.data_dir),
-            "model": "tiny-sdxl",
-            "cache_dir": str(tiny_model_cache),
-            "device": "cpu",
-            "num_replicas": "1",
-            "num_cpus": "0.5",
-            "metrics_port": str(METRICS_PORT),
-            "metrics_tenant_labels": "true",
-        }
-        serve.run(build_app(settings), name="deft")
-        yield f"127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = {
+        "auth": "keys",
+        "data_dir": str(reference.data_dir),
+        "model": "tiny-sdxl",
+        "cache_dir": str(tiny_model_cache),
+        "device": "cpu",
+        "num_replicas": "1",
+        "num_cpus": "0.5",
+        "metrics_port": str(METRICS_PORT),
+        "metrics_tenant_labels": "true",
+    }
+    with serve_deft(settings, num_cpus=2) as ingress:
+        yield ingress
 
 
 def client(address: str, key: str | None) -> DeftClient:
