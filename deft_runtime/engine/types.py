@@ -63,6 +63,13 @@ class GenerationRequest:
     request_id: str = ""
     tenant: str = ""  # who asked (set by the server, not the client): admission is fair across tenants
     weight: float = 1.0  # the tenant's fair-share weight (> 0)
+    #: image-conditioned generation (PIL images, decoded and bounded by the caller): SDXL takes one
+    #: image (img2img, or inpainting with ``mask_image``, white = repaint); OmniGen takes the images its
+    #: prompt references as ``<img><|image_1|></img>``, ... in order
+    input_images: tuple[Any, ...] = ()
+    mask_image: Any = None
+    strength: float | None = None  # SDXL img2img / inpainting, in (0, 1]
+    image_guidance_scale: float | None = None  # OmniGen with input images (default 1.6)
 
     def validate(self) -> None:
         """Structural checks that need no model (the engine checks sizes against the model)."""
@@ -88,9 +95,23 @@ class GenerationRequest:
         for name, weight in self.adapters:
             if not math.isfinite(weight):
                 raise InvalidRequest(f"adapter {name!r}: weight must be a finite number, got {weight}")
+        self._validate_images()
         names = [n for n, _ in self.adapters]
         if len(set(names)) != len(names):
             raise InvalidRequest("an adapter is listed twice; give each adapter once with its weight")
+
+    def _validate_images(self) -> None:
+        if self.mask_image is not None and not self.input_images:
+            raise InvalidRequest("mask_image needs the input image it masks; send one input image with it")
+        if self.strength is not None:
+            if not self.input_images:
+                raise InvalidRequest(
+                    "strength applies to img2img and inpainting; send an input image with it"
+                )
+            if not (math.isfinite(self.strength) and 0 < self.strength <= 1):
+                raise InvalidRequest(f"strength must be a number in (0, 1], got {self.strength}")
+        if self.image_guidance_scale is not None and not math.isfinite(self.image_guidance_scale):
+            raise InvalidRequest("image_guidance_scale must be a finite number")
 
 
 class EventKind(StrEnum):

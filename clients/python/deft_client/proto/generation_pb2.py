@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65\x66t/v1/generation.proto\x12\x07\x64\x65\x66t.v1\":\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xb8\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12%\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x13.deft.v1.AdapterRef\x12\x12\n\x05width\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\x05H\x06\x88\x01\x01\x12\"\n\x15preview_every_n_steps\x18\x0b \x01(\x05H\x07\x88\x01\x01\x42\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_imagesB\x18\n\x16_preview_every_n_steps\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\"\x1e\n\x07Started\x12\x13\n\x0btotal_steps\x18\x01 \x01(\r\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"9\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"3\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\xc4\x01\n\x06Result\x12\x1e\n\x06images\x18\x01 \x03(\x0b\x32\x0e.deft.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\tB\x11\n\x0f_guidance_scale\"\xe3\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x06queued\x18\x02 \x01(\x0b\x32\x0f.deft.v1.QueuedH\x00\x12#\n\x07started\x18\x03 \x01(\x0b\x32\x10.deft.v1.StartedH\x00\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x11.deft.v1.ProgressH\x00\x12#\n\x07preview\x18\x05 \x01(\x0b\x32\x10.deft.v1.PreviewH\x00\x12!\n\x06result\x18\x06 \x01(\x0b\x32\x0f.deft.v1.ResultH\x00\x42\x07\n\x05\x65vent\"G\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x06result\x18\x02 \x01(\x0b\x32\x0f.deft.v1.Result2\x98\x01\n\x11GenerationService\x12>\n\x08Generate\x12\x18.deft.v1.GenerateRequest\x1a\x16.deft.v1.GenerateEvent0\x01\x12\x43\n\x0cGenerateOnce\x12\x18.deft.v1.GenerateRequest\x1a\x19.deft.v1.GenerateResponseB:\n\nai.deft.v1P\x01Z*github.com/deft/deft/gen/go/deft/v1;deftv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x65\x66t/v1/generation.proto\x12\x07\x64\x65\x66t.v1\":\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_weight\"\xd6\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12%\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x13.deft.v1.AdapterRef\x12\x12\n\x05width\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\x05H\x06\x88\x01\x01\x12\"\n\x15preview_every_n_steps\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x14\n\x0cinput_images\x18\x0c \x03(\x0c\x12\x15\n\x08strength\x18\r \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmask_image\x18\x0e \x01(\x0cH\t\x88\x01\x01\x12!\n\x14image_guidance_scale\x18\x0f \x01(\x01H\n\x88\x01\x01\x42\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_imagesB\x18\n\x16_preview_every_n_stepsB\x0b\n\t_strengthB\r\n\x0b_mask_imageB\x17\n\x15_image_guidance_scale\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\"\x1e\n\x07Started\x12\x13\n\x0btotal_steps\x18\x01 \x01(\r\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\"9\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"3\n\x05Image\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\xc4\x01\n\x06Result\x12\x1e\n\x06images\x18\x01 \x03(\x0b\x32\x0e.deft.v1.Image\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\tB\x11\n\x0f_guidance_scale\"\xe3\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x06queued\x18\x02 \x01(\x0b\x32\x0f.deft.v1.QueuedH\x00\x12#\n\x07started\x18\x03 \x01(\x0b\x32\x10.deft.v1.StartedH\x00\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x11.deft.v1.ProgressH\x00\x12#\n\x07preview\x18\x05 \x01(\x0b\x32\x10.deft.v1.PreviewH\x00\x12!\n\x06result\x18\x06 \x01(\x0b\x32\x0f.deft.v1.ResultH\x00\x42\x07\n\x05\x65vent\"G\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1f\n\x06result\x18\x02 \x01(\x0b\x32\x0f.deft.v1.Result2\x98\x01\n\x11GenerationService\x12>\n\x08Generate\x12\x18.deft.v1.GenerateRequest\x1a\x16.deft.v1.GenerateEvent0\x01\x12\x43\n\x0cGenerateOnce\x12\x18.deft.v1.GenerateRequest\x1a\x19.deft.v1.GenerateResponseB:\n\nai.deft.v1P\x01Z*github.com/deft/deft/gen/go/deft/v1;deftv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERREF']._serialized_start=37
   _globals['_ADAPTERREF']._serialized_end=95
   _globals['_GENERATEREQUEST']._serialized_start=98
-  _globals['_GENERATEREQUEST']._serialized_end=538
-  _globals['_QUEUED']._serialized_start=540
-  _globals['_QUEUED']._serialized_end=566
-  _globals['_STARTED']._serialized_start=568
-  _globals['_STARTED']._serialized_end=598
-  _globals['_PROGRESS']._serialized_start=600
-  _globals['_PROGRESS']._serialized_end=645
-  _globals['_PREVIEW']._serialized_start=647
-  _globals['_PREVIEW']._serialized_end=704
-  _globals['_IMAGE']._serialized_start=706
-  _globals['_IMAGE']._serialized_end=757
-  _globals['_RESULT']._serialized_start=760
-  _globals['_RESULT']._serialized_end=956
-  _globals['_GENERATEEVENT']._serialized_start=959
-  _globals['_GENERATEEVENT']._serialized_end=1186
-  _globals['_GENERATERESPONSE']._serialized_start=1188
-  _globals['_GENERATERESPONSE']._serialized_end=1259
-  _globals['_GENERATIONSERVICE']._serialized_start=1262
-  _globals['_GENERATIONSERVICE']._serialized_end=1414
+  _globals['_GENERATEREQUEST']._serialized_end=696
+  _globals['_QUEUED']._serialized_start=698
+  _globals['_QUEUED']._serialized_end=724
+  _globals['_STARTED']._serialized_start=726
+  _globals['_STARTED']._serialized_end=756
+  _globals['_PROGRESS']._serialized_start=758
+  _globals['_PROGRESS']._serialized_end=803
+  _globals['_PREVIEW']._serialized_start=805
+  _globals['_PREVIEW']._serialized_end=862
+  _globals['_IMAGE']._serialized_start=864
+  _globals['_IMAGE']._serialized_end=915
+  _globals['_RESULT']._serialized_start=918
+  _globals['_RESULT']._serialized_end=1114
+  _globals['_GENERATEEVENT']._serialized_start=1117
+  _globals['_GENERATEEVENT']._serialized_end=1344
+  _globals['_GENERATERESPONSE']._serialized_start=1346
+  _globals['_GENERATERESPONSE']._serialized_end=1417
+  _globals['_GENERATIONSERVICE']._serialized_start=1420
+  _globals['_GENERATIONSERVICE']._serialized_end=1572
 # @@protoc_insertion_point(module_scope)

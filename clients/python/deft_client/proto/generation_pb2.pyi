@@ -15,7 +15,7 @@ class AdapterRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "negative_prompt", "adapters", "width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images", "preview_every_n_steps")
+    __slots__ = ("request_id", "prompt", "negative_prompt", "adapters", "width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images", "preview_every_n_steps", "input_images", "strength", "mask_image", "image_guidance_scale")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,10 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     negative_prompt: str
@@ -38,7 +42,11 @@ class GenerateRequest(_message.Message):
     seed: int
     num_images: int
     preview_every_n_steps: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every_n_steps: _Optional[int] = ...) -> None: ...
+    input_images: _containers.RepeatedScalarFieldContainer[bytes]
+    strength: float
+    mask_image: bytes
+    image_guidance_scale: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every_n_steps: _Optional[int] = ..., input_images: _Optional[_Iterable[bytes]] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., image_guidance_scale: _Optional[float] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
