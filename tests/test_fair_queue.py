@@ -83,8 +83,9 @@ def test_remove_if_keeps_the_rest_in_order_and_rejects_bad_weights():
 
 
 class _Family:
-    def rows_for(self, num_images: int, guidance_scale: float) -> int:
-        return num_images * (2 if guidance_scale > 1 else 1)
+    def rows_for(self, request: GenerationRequest) -> int:
+        assert request.guidance_scale is not None
+        return request.num_images * (2 if request.guidance_scale > 1 else 1)
 
 
 def _request(tenant: str, i: int, weight: float = 1.0) -> GenerationRequest:

@@ -16,11 +16,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from deft_runtime.engine.conditioning import (
+    SourceImage,
+    check_sdxl_images,
+    encode_batched,
+    sdxl_default_size,
+    sdxl_source,
+    timesteps_from,
+)
 from deft_runtime.engine.types import GenerationRequest
 from deft_runtime.errors import InvalidRequest
 
@@ -40,6 +48,7 @@ class StepState:
     step_index: int = 0
     latents: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     cond: Any = None  # family-specific conditioning
+    source: Any = None  # family-specific input-image state (img2img, inpainting)
     last_x0: torch.Tensor | None = None
 
     @property
@@ -89,17 +98,27 @@ class ModelFamily(ABC):
         if width % m or height % m or width < m or height < m:
             raise InvalidRequest(f"width and height must be positive multiples of {m}; got {width}x{height}")
 
+    def default_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """``(width, height)`` when the request leaves them out."""
+        defaults = self.defaults()
+        return defaults.width, defaults.height
+
+    @abstractmethod
+    def check_conditioning(self, request: GenerationRequest) -> None:
+        """Refuse input images, masks, strength the model cannot use (``request`` is resolved)."""
+
     @abstractmethod
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Whether the request runs an unconditional row per image."""
 
-    def rows_for(self, num_images: int, guidance_scale: float) -> int:
+    def rows_for(self, request: GenerationRequest) -> int:
         """Rows a request adds to each forward: one per image, two with CFG (the one home of this rule;
-        ``guidance_scale`` is the resolved value, never None)."""
-        return num_images * (2 if self.uses_cfg(guidance_scale) else 1)
+        ``request`` is resolved: its guidance scale is never None)."""
+        assert request.guidance_scale is not None
+        return request.num_images * (2 if self.uses_cfg(request.guidance_scale) else 1)
 
     def rows(self, state: StepState) -> int:
-        return self.rows_for(state.num_images, state.guidance_scale)
+        return self.rows_for(state.request)
 
     def bucket(self, state: StepState) -> tuple[int, ...]:
         """Requests with equal buckets may share a forward (by default: same latent shape)."""
@@ -141,6 +160,12 @@ class ModelFamily(ABC):
         state.latents = out.prev_sample
         state.last_x0 = getattr(out, "pred_original_sample", None)
         state.step_index += 1
+        self.after_step(state)
+
+    def after_step(self, state: StepState) -> None:
+        """Anything after the scheduler's step (SDXL inpainting resets the kept region); nothing by
+        default."""
+        return None
 
     def step_kwargs(self, state: StepState) -> dict[str, Any]:
         """Extra ``scheduler.step`` arguments, as the pipeline passes them (none by default)."""
@@ -153,11 +178,29 @@ class ModelFamily(ABC):
 
 
 class SDXLFamily(ModelFamily):
+    """SDXL text-to-image, img2img and inpainting (standard UNet): all three share forwards, since
+    their rows differ only in latents and timestep (see :mod:`.conditioning`)."""
+
     name = "sdxl"
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(pipe, device, dtype)
+        # what StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline preprocess with
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
 
     def defaults(self) -> GenerationDefaults:
         size = int(self.pipe.default_sample_size * self.vae_scale)
         return GenerationDefaults(size, size, 50, 5.0)
+
+    def default_size(self, request: GenerationRequest) -> tuple[int, int]:
+        return sdxl_default_size(request, self.vae_scale) or super().default_size(request)
+
+    def check_conditioning(self, request: GenerationRequest) -> None:
+        assert request.num_inference_steps is not None
+        check_sdxl_images(request, request.num_inference_steps, int(self.pipe.unet.config.in_channels))
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
@@ -203,17 +246,68 @@ class SDXLFamily(ModelFamily):
                 embeds = torch.cat([neg[i : i + 1].repeat(n, 1, 1), embeds])
                 text = torch.cat([neg_pooled[i : i + 1].repeat(n, 1), text])
             s.cond = (embeds, text, time_ids.repeat(embeds.shape[0], 1))
+        self._encode_images(states)
+
+    def _encode_images(self, states: Sequence[StepState]) -> None:
+        """Input images of img2img / inpainting requests, VAE-encoded in batches of one size."""
+        for s in states:
+            s.source = sdxl_source(s.request, s.width, s.height, self.image_processor, self.mask_processor)
+        conditioned = [s for s in states if s.source is not None]
+        if conditioned:
+            dists = encode_batched(self.pipe.vae, [s.source.pixels for s in conditioned])
+            for s, dist in zip(conditioned, dists, strict=True):
+                s.source.dist = dist
 
     def start(self, state: StepState) -> None:
         state.scheduler = self.new_scheduler()
         state.timesteps, _ = retrieve_timesteps(state.scheduler, state.steps, self.device)
+        if state.source is not None:
+            self._start_from_image(state, state.source)
+            return
         if hasattr(state.scheduler, "set_begin_index"):
             state.scheduler.set_begin_index(0)
+        state.latents = self._noise(state) * state.scheduler.init_noise_sigma
+
+    def _noise(self, state: StepState) -> torch.Tensor:
         c, h, w = self.latent_shape(state.width, state.height)
-        latents = randn_tensor(
-            (state.num_images, c, h, w), generator=state.generator, device=self.device, dtype=self.dtype
-        )
-        state.latents = latents * state.scheduler.init_noise_sigma
+        shape = (state.num_images, c, h, w)
+        return randn_tensor(shape, generator=state.generator, device=self.device, dtype=self.dtype)
+
+    def _start_from_image(self, state: StepState, src: SourceImage) -> None:
+        """img2img / inpainting latents, drawing from the generator in the pipeline's order."""
+        state.timesteps = timesteps_from(state.scheduler, state.steps, src.strength)
+        state.steps = len(state.timesteps)
+        assert src.dist is not None
+        n, vae = state.num_images, self.pipe.vae
+        sample = src.dist.sample(generator=state.generator).to(self.dtype)
+        first = state.timesteps[:1].repeat(n)
+        if not src.inpainting:  # StableDiffusionXLImg2ImgPipeline.prepare_latents
+            clean = self._normalise(sample).repeat(n, 1, 1, 1)
+            state.latents = state.scheduler.add_noise(clean, self._noise(state), first)
+            return
+        # StableDiffusionXLInpaintPipeline: prepare_latents, then prepare_mask_latents
+        src.image_latents = (vae.config.scaling_factor * sample).repeat(n, 1, 1, 1)
+        src.noise = self._noise(state)
+        if src.strength == 1.0:
+            state.latents = src.noise * state.scheduler.init_noise_sigma
+        else:
+            state.latents = state.scheduler.add_noise(src.image_latents, src.noise, first)
+        _, h, w = self.latent_shape(state.width, state.height)
+        assert src.mask is not None
+        mask = torch.nn.functional.interpolate(src.mask, size=(h, w))
+        src.latent_mask = mask.to(device=self.device, dtype=self.dtype).repeat(n, 1, 1, 1)
+        # the pipeline also encodes the masked image (unused by a 4-channel UNet): draw its sample
+        randn_tensor(tuple(sample.shape), generator=state.generator, device=self.device, dtype=vae.dtype)
+
+    def _normalise(self, sample: torch.Tensor) -> torch.Tensor:
+        """Encoder sample → denoiser latents, as img2img does (``latents_mean``/``std`` when set)."""
+        config = self.pipe.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return config.scaling_factor * sample
+        shape = (1, len(mean), 1, 1)
+        mean_t, std_t = torch.tensor(mean).view(shape).to(sample), torch.tensor(std).view(shape).to(sample)
+        return (sample - mean_t) * config.scaling_factor / std_t
 
     def denoiser_inputs(self, states: Sequence[StepState]) -> dict[str, Any]:
         latents, timesteps, embeds, texts, time_ids = [], [], [], [], []
@@ -247,6 +341,17 @@ class SDXLFamily(ModelFamily):
     def _step_parameters(self) -> frozenset[str]:
         return frozenset(inspect.signature(self.pipe.scheduler.step).parameters)
 
+    def after_step(self, state: StepState) -> None:
+        src = state.source
+        if src is None or not src.inpainting:
+            return
+        # StableDiffusionXLInpaintPipeline's loop: the kept region is the image noised to the next step
+        i = state.step_index - 1
+        kept = src.image_latents
+        if i < len(state.timesteps) - 1:
+            kept = state.scheduler.add_noise(kept, src.noise, state.timesteps[i + 1 : i + 2])
+        state.latents = (1 - src.latent_mask) * kept + src.latent_mask * state.latents
+
     def guide(self, state: StepState, prediction: torch.Tensor) -> torch.Tensor:
         if not self.uses_cfg(state.guidance_scale):
             return prediction
@@ -268,102 +373,6 @@ class SDXLFamily(ModelFamily):
         return list(self.pipe.image_processor.postprocess(image, output_type="pil"))
 
 
-class OmniGenFamily(ModelFamily):
-    name = "omnigen"
-
-    def __init__(
-        self, pipe: Any, device: torch.device, dtype: torch.dtype, *, exact_rope: bool = True
-    ) -> None:
-        super().__init__(pipe, device, dtype)
-        processor = pipe.multimodal_processor
-        self.default_negative = inspect.signature(processor.__call__).parameters["negative_prompt"].default
-        self.exact_rope = exact_rope
-
-    def bucket(self, state: StepState) -> tuple[int, ...]:
-        """diffusers' OmniGen rotary embedding takes the positions of the batch's *first* row for every
-        row (``OmniGenSuScaledRotaryEmbedding``: ``emb = cat(freqs, freqs)[0]``). A request's own
-        pipeline run therefore depends on its prompt's token count and its padded text length; with
-        ``exact_rope`` requests only share a forward when both agree, which keeps every image equal to
-        ``OmniGenPipeline``'s. Without it they batch by shape alone (more batching, slightly different
-        images for prompts of other lengths)."""
-        shape = self.latent_shape(state.width, state.height)
-        if not self.exact_rope:
-            return shape
-        cond, uncond = state.cond
-        n_cond, n_uncond = len(cond["input_ids"]), len(uncond["input_ids"])
-        return (*shape, n_cond, max(n_cond, n_uncond))
-
-    def defaults(self) -> GenerationDefaults:
-        size = int(self.pipe.default_sample_size * self.vae_scale)
-        return GenerationDefaults(size, size, 50, 2.5)
-
-    def size_multiple(self) -> int:
-        # the processor counts one output token per 16x16 pixels, and the transformer patchifies latents
-        return max(16, self.vae_scale * int(self.pipe.transformer.config.patch_size))
-
-    def uses_cfg(self, guidance_scale: float) -> bool:
-        return True  # OmniGen's pipeline always runs the unconditional row
-
-    def latent_channels(self) -> int:
-        return int(self.pipe.transformer.config.in_channels)
-
-    def encode(self, states: Sequence[StepState]) -> None:
-        processor = self.pipe.multimodal_processor
-        for s in states:
-            negative = (
-                s.request.negative_prompt if s.request.negative_prompt is not None else self.default_negative
-            )
-            s.cond = (
-                processor.process_multi_modal_prompt(s.request.prompt, None),
-                processor.process_multi_modal_prompt(negative, None),
-            )
-
-    def start(self, state: StepState) -> None:
-        state.scheduler = self.new_scheduler()
-        sigmas = np.linspace(1, 0, state.steps + 1)[: state.steps].tolist()
-        state.timesteps, _ = retrieve_timesteps(state.scheduler, state.steps, self.device, sigmas=sigmas)
-        state.latents = self.pipe.prepare_latents(
-            state.num_images,
-            self.latent_channels(),
-            state.height,
-            state.width,
-            torch.float32,
-            self.device,
-            state.generator,
-        )
-
-    def denoiser_inputs(self, states: Sequence[StepState]) -> dict[str, Any]:
-        mllm, sizes, latents, timesteps = [], [], [], []
-        for s in states:
-            cond, uncond = s.cond
-            n = s.num_images
-            mllm += [cond] * n + [uncond] * n
-            sizes += [[s.height, s.width]] * (2 * n)
-            latents.append(torch.cat([s.latents] * 2))
-            timesteps.append(s.timestep.reshape(1).expand(2 * n))
-        collator = self.pipe.multimodal_processor.collator
-        input_ids, position_ids, attention_mask, _, _, image_sizes = collator.process_mllm_input(mllm, sizes)
-        return {
-            "hidden_states": torch.cat(latents).to(self.pipe.transformer.dtype),
-            "timestep": torch.cat(timesteps).to(self.device),
-            "input_ids": input_ids.to(self.device),
-            "input_img_latents": [],
-            "input_image_sizes": image_sizes,
-            "attention_mask": attention_mask.to(self.device),
-            "position_ids": position_ids.to(self.device),
-            "return_dict": False,
-        }
-
-    def guide(self, state: StepState, prediction: torch.Tensor) -> torch.Tensor:
-        cond, uncond = prediction.chunk(2)
-        return uncond + state.guidance_scale * (cond - uncond)
-
-    def decode(self, latents: torch.Tensor) -> list[Any]:
-        vae = self.pipe.vae
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return list(self.pipe.image_processor.postprocess(image, output_type="pil"))
-
-
 def family_for(
     pipe: Any, device: torch.device, dtype: torch.dtype, *, exact_rope: bool = True
 ) -> ModelFamily:
@@ -373,5 +382,7 @@ def family_for(
     if arch == "sdxl":
         return SDXLFamily(pipe, device, dtype)
     if arch == "omnigen":
+        from deft_runtime.engine.omnigen_family import OmniGenFamily
+
         return OmniGenFamily(pipe, device, dtype, exact_rope=exact_rope)
     raise InvalidRequest(f"the engine serves SDXL and OmniGen pipelines, not {arch}")

@@ -2,7 +2,7 @@
 
 Structural checks (types, finiteness of weights and guidance, label length) are
 :meth:`GenerationRequest.validate`; here the model's defaults are filled in and the request is checked
-against the model: image size, rows per forward (through :meth:`ModelFamily.rows_for`, the same rule the
+against the model: image size, input images (:meth:`ModelFamily.check_conditioning`), rows per forward (through :meth:`ModelFamily.rows_for`, the same rule the
 scheduler plans with) and adapters per sample (:func:`deft_runtime.batch.check_blend`, the same rule the
 batch mapping enforces).
 """
@@ -24,18 +24,12 @@ def resolve_request(
     """``request`` validated, with every ``None`` field replaced by the model's default and a seed."""
     request.validate()
     defaults = family.defaults()
-    width, height = request.width or defaults.width, request.height or defaults.height
+    default_width, default_height = family.default_size(request)
+    width, height = request.width or default_width, request.height or default_height
     family.check_size(width, height)
     # an explicit 0.0 is a real value (no CFG), not "unset"
     guidance = request.guidance_scale if request.guidance_scale is not None else defaults.guidance_scale
-    rows = family.rows_for(request.num_images, guidance)
-    if rows > max_rows:
-        raise InvalidRequest(
-            f"{request.num_images} images need {rows} rows per step, above this server's "
-            f"max batch of {max_rows} rows; ask for fewer images"
-        )
-    check_blend(len(request.adapters), max_adapters, "the request")
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         request,
         width=width,
         height=height,
@@ -43,3 +37,12 @@ def resolve_request(
         guidance_scale=guidance,
         seed=request.seed if request.seed is not None else random.randrange(2**63),
     )
+    family.check_conditioning(resolved)
+    rows = family.rows_for(resolved)
+    if rows > max_rows:
+        raise InvalidRequest(
+            f"{request.num_images} images need {rows} rows per step, above this server's "
+            f"max batch of {max_rows} rows; ask for fewer images"
+        )
+    check_blend(len(request.adapters), max_adapters, "the request")
+    return resolved

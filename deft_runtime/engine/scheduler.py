@@ -171,7 +171,7 @@ class RequestScheduler:
             admitted.append(r)
             req = r.request
             assert req.guidance_scale is not None
-            rows += self.family.rows_for(req.num_images, req.guidance_scale)
+            rows += self.family.rows_for(req)
             if self.static and rows >= self.max_rows:
                 break
         return admitted if self.static else admitted + self._admit_newcomers()
