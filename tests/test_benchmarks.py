@@ -352,3 +352,16 @@ def test_efficiency_suite_times_every_phase_of_a_saturated_engine(tmp_path):
     assert "f" in vars(thing) and thing.f() == 1 and timer.seconds["f"] > 0
     timer.restore()
     assert "f" not in vars(thing)  # the class's method again
+
+
+def test_omnigen_rope_suite_shows_exact_positions_cost_forwards_and_keep_pipeline_images(tmp_path):
+    """Variable-length multimodal prompts: the exact setting keeps every image equal to the pipeline's
+    and splits the batch; the inexact one batches them all."""
+    from benchmarks import omnigen_rope
+
+    payload = omnigen_rope.main(["--requests", "5", "--steps", "2", "--results-dir", str(tmp_path)])
+    exact, inexact = payload["settings"]
+    assert exact["omnigen_exact_rope"] and not inexact["omnigen_exact_rope"]
+    assert exact["images_within_2_255"] == exact["images"] == 5
+    assert exact["forwards"] > inexact["forwards"] and inexact["rows_per_forward"] > exact["rows_per_forward"]
+    assert (tmp_path / "omnigen-rope.md").read_text().count("|") > 10
