@@ -1,7 +1,9 @@
 """``deft generate``: one request to a server, its images written as PNG (with the parameters in text
 chunks, :mod:`deft_client.png_info`), JPEG or WebP; ``--from-png`` repeats the request of an image.
+``--image``/``--mask`` condition it on input images (:mod:`deft_cli.input_files`).
 
-Everything a user can get wrong (the seed, the output files) is checked before the request is sent."""
+Everything a user can get wrong (the seed, the output files, the input files) is checked before the
+request is sent."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from deft_cli.connection import Connection, connect
 from deft_cli.console import console, err_console, fail
+from deft_cli.input_files import InputFiles, read_inputs, sha256_hex
 from deft_cli.options import with_options
 from rich.markup import escape
 
@@ -39,6 +42,22 @@ class Request:
     height: Annotated[int | None, typer.Option(help="image height (default: the model's)")] = None
     guidance: Annotated[float | None, typer.Option(help="guidance scale (default: the model's)")] = None
     num_images: Annotated[int | None, typer.Option(help="images to generate (default: 1)")] = None
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="input image, PNG/JPEG/WebP (repeatable): SDXL img2img or inpainting (one), "
+            "OmniGen: the prompt's <img><|image_1|></img>, ... in order"
+        ),
+    ] = None
+    mask: Annotated[
+        Path | None, typer.Option(help="SDXL inpainting: mask the size of --image, white = repaint")
+    ] = None
+    strength: Annotated[
+        float | None, typer.Option(help="SDXL img2img/inpainting: how much of --image is re-noised, (0, 1]")
+    ] = None
+    image_guidance: Annotated[
+        float | None, typer.Option(help="OmniGen: how strongly to follow the --image (default: 1.6)")
+    ] = None
 
 
 @with_options(request=Request, connection=Connection)
@@ -62,13 +81,13 @@ def generate(
     count = base.num_images if base is not None and request.num_images is None else chosen.num_images or 1
     keep = [base.image_index] if base is not None and request.num_images is None else list(range(count))
     paths = checked_outputs(out, len(keep), overwrite=overwrite)
+    inputs = read_inputs(chosen, base)
     assert chosen.prompt is not None  # _merged refuses a request without one
     with connect(connection) as client:
         adapters = _adapter_uses(client, chosen, base)
-        result = _stream_with_progress(
-            client.generate_stream(chosen.prompt, _options(chosen), timeout=timeout)
-        )
-    records = [_record(chosen, result, adapters, i, count) for i in range(len(result.images))]
+        options = dataclasses.replace(_options(chosen), images=inputs.images, mask=inputs.mask)
+        result = _stream_with_progress(client.generate_stream(chosen.prompt, options, timeout=timeout))
+    records = [_record(chosen, result, adapters, i, count, inputs) for i in range(len(result.images))]
     for path, index in zip(paths, keep, strict=True):
         _save(result.images[index], path, records[index])
     for warning in result.warnings:  # e.g. a prompt cut to the text encoder's 77 tokens
@@ -152,6 +171,10 @@ def _merged(request: Request, base: GenerationRecord | None) -> Request:
         height=pick(request.height, base.height),
         guidance=pick(request.guidance, base.guidance_scale),
         num_images=pick(request.num_images, base.num_images),
+        image=request.image,
+        mask=request.mask,
+        strength=pick(request.strength, base.strength),
+        image_guidance=pick(request.image_guidance, base.image_guidance_scale),
     )
 
 
@@ -177,6 +200,8 @@ def _options(request: Request) -> Any:
         height=request.height,
         guidance_scale=request.guidance,
         num_images=request.num_images,
+        strength=request.strength,
+        image_guidance_scale=request.image_guidance,
     )
 
 
@@ -199,7 +224,7 @@ def _adapter_uses(client: DeftClient, request: Request, base: GenerationRecord |
 
 
 def _record(
-    request: Request, result: Result, adapters: list[Any], index: int, count: int
+    request: Request, result: Result, adapters: list[Any], index: int, count: int, inputs: InputFiles
 ) -> GenerationRecord:
     from deft_client.png_info import GenerationRecord
 
@@ -219,6 +244,10 @@ def _record(
         num_images=count,
         image_index=index,
         deft_version=__version__,
+        input_images=[sha256_hex(data) for data in inputs.images],
+        mask_image=None if inputs.mask is None else sha256_hex(inputs.mask),
+        strength=request.strength,
+        image_guidance_scale=request.image_guidance,
     )
 
 

@@ -45,6 +45,8 @@ class RequestLimits:
     max_adapters: int
     max_adapter_weight: float
     max_guidance_scale: float = 100.0
+    max_input_images: int = 4
+    max_input_image_pixels: int = 2048 * 2048
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,14 @@ class ServerSettings(BaseSettings):
     max_upload_size: ByteSize = Field(ByteSize(1 << 30), description="largest adapter upload")
     max_message_size: ByteSize = Field(ByteSize(16 << 20), description="largest gRPC message received")
     max_guidance_scale: float = Field(100.0, gt=0, description="guidance_scale must lie in [0, G]")
+    max_input_images: int = Field(
+        4, ge=1, le=64, description="most input images per image-conditioned request (OmniGen, SDXL img2img)"
+    )
+    max_input_image_pixels: int = Field(
+        2048 * 2048,
+        ge=1,
+        description="largest width x height of an input image or mask (read from its header)",
+    )
     max_upload_chunks: int = Field(
         16384, ge=1, description="most data chunks in one upload (empty ones count)"
     )
@@ -214,6 +224,8 @@ class ServerSettings(BaseSettings):
             max_adapters=self.max_adapters_per_request,
             max_adapter_weight=self.max_adapter_weight,
             max_guidance_scale=self.max_guidance_scale,
+            max_input_images=self.max_input_images,
+            max_input_image_pixels=self.max_input_image_pixels,
         )
 
     def upload_limits(self) -> UploadLimits:

@@ -2,8 +2,9 @@
 
 Every field of a request is bounded before anything echoes it or does work for it: names (1-128
 characters), ``request_id`` (at most :data:`MAX_REQUEST_ID_CHARS`), prompts, sizes, steps, finite
-weights and guidance within the server's limits. The PNG encoders do CPU work: callers run them off
-the event loop.
+weights and guidance within the server's limits, input images (:mod:`deft_server.input_images`) by
+count and pixels before they are decoded. Decoding input images and the PNG encoders do CPU work:
+callers run them off the event loop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from deft_client.proto import adapters_pb2, generation_pb2
 from deft_server.config import RequestLimits
+from deft_server.input_images import decode_input_images
 from deft_server.registry import AdapterState, UploadFormat
 from deft_server.store import AdapterRecord
 from deft_server.tenants import PUBLIC, pool_name, split_pool_name, validate_tenant_id
@@ -109,6 +111,7 @@ def generation_request(
         raise InvalidRequest(
             f"guidance_scale must be a number in [0, {limits.max_guidance_scale:g}], got {guidance:g}"
         )
+    _check_conditioning(msg, limits)
     if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest(
             f"request_id is {len(msg.request_id)} characters long; at most {MAX_REQUEST_ID_CHARS} are "
@@ -127,7 +130,40 @@ def generation_request(
         preview_every_n_steps=every or 0,
         deadline_s=deadline_s,
         request_id=msg.request_id,
+        **_conditioning(msg, limits),
     )
+
+
+def _check_conditioning(msg: generation_pb2.GenerateRequest, limits: RequestLimits) -> None:
+    """The numbers of an image-conditioned request (its images are checked as they are decoded)."""
+    strength, scale = _optional(msg, "strength"), _optional(msg, "image_guidance_scale")
+    if strength is not None and not 0 < strength <= 1:  # False for NaN
+        raise InvalidRequest(
+            f"strength must be a number in (0, 1] (how much of the input image is re-noised; 1: all of "
+            f"it), got {strength:g}"
+        )
+    if strength is not None and not msg.input_images:
+        raise InvalidRequest("strength applies to img2img and inpainting; send an input image with it")
+    if scale is not None and not 0 <= scale <= limits.max_guidance_scale:
+        raise InvalidRequest(
+            f"image_guidance_scale must be a number in [0, {limits.max_guidance_scale:g}], got {scale:g}"
+        )
+
+
+def _conditioning(msg: generation_pb2.GenerateRequest, limits: RequestLimits) -> dict[str, Any]:
+    """The decoded input images and mask and the numbers that go with them (blocking: decoding)."""
+    images, mask = decode_input_images(
+        msg.input_images,
+        _optional(msg, "mask_image"),
+        limits.max_input_images,
+        limits.max_input_image_pixels,
+    )
+    return {
+        "input_images": images,
+        "mask_image": mask,
+        "strength": _optional(msg, "strength"),
+        "image_guidance_scale": _optional(msg, "image_guidance_scale"),
+    }
 
 
 def encode_png(image: Any) -> bytes:

@@ -121,9 +121,9 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     ) -> tuple[RequestHandle, EventBridge]:
         entry.label = request.request_id[:MAX_REQUEST_ID_CHARS]  # a refused request is logged too
         runtime = self.state.require()
-        job = generation_request(
-            request, self.limits, runtime.engine.family.defaults(), context.time_remaining()
-        )
+        defaults, remaining = runtime.engine.family.defaults(), context.time_remaining()
+        # on a worker thread: decoding the input images is CPU work
+        job = await asyncio.to_thread(generation_request, request, self.limits, defaults, remaining)
         _describe(entry, job, runtime)
         bridge = EventBridge(asyncio.get_running_loop())
         # on a worker thread: admission asks the registry whether the adapters exist (a database

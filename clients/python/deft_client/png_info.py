@@ -8,7 +8,10 @@ Two chunks (UTF-8 ``iTXt``):
   it used (``null`` only from servers too old to say). Image ``image_index`` of ``num_images`` came from one
   request with that seed: all images of a request are drawn from one generator (as diffusers does), so
   image *i* is reproduced by the same request (same seed, ``num_images``, parameters and adapters, on
-  the same base model) and taking its image *i*, which is what ``--from-png`` does.
+  the same base model) and taking its image *i*, which is what ``--from-png`` does. An
+  image-conditioned request also records the sha256 of each input image (``input_images``) and of
+  its mask (``mask_image``), with ``strength`` and ``image_guidance_scale`` (``null``: the server's
+  default); these keys are left out of text-to-image records.
 - ``parameters``: the same in the A1111 text convention (``prompt``, ``Negative prompt: ...``, then
   ``Steps: .., CFG scale: .., Seed: .., Size: WxH, ...``) for image viewers; never read back.
 
@@ -27,6 +30,7 @@ from PIL import Image, PngImagePlugin
 FORMAT = "deft.generation/1"
 KEY = "deft.generation"
 A1111_KEY = "parameters"
+_CONDITIONING = ("input_images", "mask_image", "strength", "image_guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,17 @@ class GenerationRecord:
     image_index: int = 0
     model: str | None = None  # the server's base model (``Result.model``; None from older servers)
     deft_version: str = ""
+    input_images: list[str] = field(default_factory=list)  # sha256 of each input image, in order
+    mask_image: str | None = None  # sha256 of the inpainting mask
+    strength: float | None = None
+    image_guidance_scale: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **asdict(self)}, ensure_ascii=False)
+        record = asdict(self)
+        if not self.input_images:  # text-to-image: the conditioning keys are left out
+            for key in _CONDITIONING:
+                del record[key]
+        return json.dumps({"format": FORMAT, **record}, ensure_ascii=False)
 
     def a1111_text(self) -> str:
         lines = [self.prompt]
@@ -64,6 +76,8 @@ class GenerationRecord:
         if self.guidance_scale is not None:
             settings.append(f"CFG scale: {self.guidance_scale:g}")
         settings += [f"Seed: {self.seed}", f"Size: {self.width}x{self.height}"]
+        if self.strength is not None:
+            settings.append(f"Denoising strength: {self.strength:g}")
         if self.num_images > 1:
             settings.append(f"Batch size: {self.num_images}, Batch pos: {self.image_index}")
         if self.model:

@@ -1,8 +1,10 @@
-"""Building request messages: generation parameters, and adapter uploads streamed in chunks."""
+"""Building request messages: generation parameters (input images encoded), and adapter uploads
+streamed in chunks."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 import tempfile
@@ -12,11 +14,35 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from PIL import Image
+
 from deft_client.proto import adapters_pb2, generation_pb2
 
 CHUNK_BYTES = 256 << 10
 #: ``[("name", 1.0), "other"]`` or ``{"name": 1.0}``: a bare name means weight 1.0.
 Adapters = Sequence[tuple[str, float] | str] | Mapping[str, float]
+#: an input image or mask: a PIL image (sent as PNG), a file path or the bytes of a PNG/JPEG/WebP file
+ImageSource = Image.Image | str | os.PathLike[str] | bytes
+
+
+def image_bytes(source: ImageSource) -> bytes:
+    """The bytes to send for ``source``: a PIL image PNG-encoded, a file's bytes as they are."""
+    if isinstance(source, Image.Image):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).expanduser().read_bytes()
+    raise TypeError(f"an input image must be a PIL image, a file path or bytes, not {type(source).__name__}")
+
+
+def images_bytes(images: Sequence[ImageSource] | ImageSource) -> list[bytes]:
+    """``images`` (one source, or a sequence of them) as the bytes to send, in order."""
+    if isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray, memoryview)):
+        return [image_bytes(images)]
+    return [image_bytes(image) for image in images]
 
 
 def adapter_refs(adapters: Adapters | None) -> list[generation_pb2.AdapterRef]:
@@ -46,6 +72,15 @@ class GenerateOptions:
     preview_every_n_steps: int | None = None
     #: a label for the caller's own logs, echoed in every event (at most 128 characters)
     request_id: str = ""
+    #: image-conditioned generation: SDXL takes one image (img2img; inpainting with ``mask``), OmniGen
+    #: the images its prompt references as ``<img><|image_1|></img>``, ... (see :data:`ImageSource`)
+    images: Sequence[ImageSource] | ImageSource = ()
+    #: SDXL inpainting: white pixels are repainted, black ones kept; the size of the input image
+    mask: ImageSource | None = None
+    #: SDXL img2img and inpainting: how much of the input image is re-noised, in (0, 1]
+    strength: float | None = None
+    #: OmniGen with input images: how strongly to follow them (the server's default: 1.6)
+    image_guidance_scale: float | None = None
 
     def message(self, prompt: str) -> generation_pb2.GenerateRequest:
         """The ``GenerateRequest``; every None stays unset, so the server uses the model's default."""
@@ -61,6 +96,10 @@ class GenerateOptions:
             seed=self.seed,
             num_images=self.num_images,
             preview_every_n_steps=self.preview_every_n_steps,
+            input_images=images_bytes(self.images),
+            mask_image=None if self.mask is None else image_bytes(self.mask),
+            strength=self.strength,
+            image_guidance_scale=self.image_guidance_scale,
         )
 
 
