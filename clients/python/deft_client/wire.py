@@ -22,7 +22,7 @@ CHUNK_BYTES = 256 << 10
 #: ``[("name", 1.0), "other"]`` or ``{"name": 1.0}``: a bare name means weight 1.0.
 Adapters = Sequence[tuple[str, float] | str] | Mapping[str, float]
 #: an input image or mask: a PIL image (sent as PNG), a file path or the bytes of a PNG/JPEG/WebP file
-ImageSource = Image.Image | str | os.PathLike[str] | bytes
+ImageSource = Image.Image | str | os.PathLike[str] | bytes | bytearray | memoryview
 
 
 def image_bytes(source: ImageSource) -> bytes:
