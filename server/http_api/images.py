@@ -13,7 +13,7 @@ import base64
 import io
 import re
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from deft_client.proto import generation_pb2
 from PIL import Image
@@ -36,7 +36,11 @@ REFUSED = {
     "frame_duration_ms": "deft generates still images; leave it out",
     "svg": "deft generates raster images; leave it out",
     "effort": "not supported by deft; leave it out",
+    "input_fidelity": "deft has no fidelity presets; set 'strength' (img2img, inpainting) instead",
 }
+
+
+B = TypeVar("B", bound=BaseModel)
 
 
 class AdapterWeight(BaseModel):
@@ -82,12 +86,12 @@ class ImageGenerationBody(BaseModel):
         return self.output_format or "png"
 
 
-def _problem(error: ErrorDetails) -> str:
+def _problem(error: ErrorDetails, model: type[BaseModel]) -> str:
     field = ".".join(str(p) for p in error["loc"]) or "body"
     if error["type"] == "extra_forbidden" and len(error["loc"]) > 1:
         return f"unsupported field {shorten(field)}: each of 'adapters' is {{'name': ..., 'weight': ...}}"
     if error["type"] == "extra_forbidden":
-        fix = REFUSED.get(field, f"deft reads {', '.join(ImageGenerationBody.model_fields)}")
+        fix = REFUSED.get(field, f"deft reads {', '.join(model.model_fields)}")
         return f"unsupported field {shorten(field)}: {fix}"
     if error["type"] == "value_error":
         return str(error.get("ctx", {}).get("error", error["msg"]))
@@ -99,8 +103,19 @@ def parse_body(raw: bytes) -> ImageGenerationBody:
     try:
         return ImageGenerationBody.model_validate_json(raw)
     except ValidationError as e:
-        problems = [_problem(err) for err in e.errors(include_url=False)[:5]]
-        raise InvalidRequest("; ".join(problems)) from None
+        raise _invalid(e, ImageGenerationBody) from None
+
+
+def validate(model: type[B], data: dict[str, Any]) -> B:
+    """``data`` (e.g. form fields) as ``model``, or :class:`InvalidRequest` saying which field to fix."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _invalid(e, model) from None
+
+
+def _invalid(error: ValidationError, model: type[BaseModel]) -> InvalidRequest:
+    return InvalidRequest("; ".join(_problem(err, model) for err in error.errors(include_url=False)[:5]))
 
 
 def split_model(model: str | None, base: str) -> str | None:

@@ -20,7 +20,7 @@ from deft_client.proto import adapters_pb2, generation_pb2
 from deft_server.config import ServerSettings
 from deft_server.convert import MAX_PAGE_SIZE
 from deft_server.errors import UploadTooLarge
-from deft_server.http_api import images
+from deft_server.http_api import edits, images
 from deft_server.http_api.errors import HttpCallContext, StatusError, stream_error_body
 from deft_server.http_api.uploads import upload_chunks
 from deft_server.service import AdapterService, GenerationService, ServerState
@@ -44,11 +44,14 @@ class Routes:
         self.adapters = AdapterService(state, settings.upload_limits())
         self.started = int(time.time())
         self.max_upload = int(settings.max_upload_size)
+        self.max_edit = int(settings.max_message_size)  # the edit becomes one gRPC message
+        self.max_images, self.max_pixels = settings.max_input_images, settings.max_input_image_pixels
 
     def router(self) -> APIRouter:
         """The authorized API (the caller adds the token check as a dependency)."""
         api = APIRouter()
         api.add_api_route("/v1/images/generations", self.generate, methods=["POST"])
+        api.add_api_route("/v1/images/edits", self.edit, methods=["POST"])
         api.add_api_route("/v1/models", self.models, methods=["GET"])
         api.add_api_route("/v1/adapters", self.register, methods=["POST"])
         api.add_api_route("/v1/adapters/{name}", self.get_adapter, methods=["GET"])
@@ -69,17 +72,37 @@ class Routes:
         """OpenAI's ``POST /v1/images/generations`` (``stream: true``: server-sent events)."""
         body = images.parse_body(await _body(request, images.MAX_BODY_BYTES))
         runtime = self.state.require()
-        try:
-            adapter = images.split_model(body.model, runtime.model_name)
-        except LookupError as e:
-            raise StatusError.http_only(grpc.StatusCode.NOT_FOUND, str(e), "MODEL_NOT_FOUND") from None
+        adapter = self._adapter(body.model, runtime.model_name)
         message = images.generate_request(body, adapter, runtime.engine.family.defaults().steps)
         if body.stream:
             return await self._stream(message, body)
+        return await self._answer(request, message, body)
+
+    async def edit(self, request: Request) -> Any:
+        """OpenAI's ``POST /v1/images/edits`` (multipart; see :mod:`.edits`)."""
+        _check_length(request, self.max_edit)
+        content_type = request.headers.get("content-type", "")
+        form = await edits.read_form(content_type, _limited(request, self.max_edit), self.max_images)
+        body = edits.parse_fields(form.fields)
+        runtime = self.state.require()
+        adapter = self._adapter(body.model, runtime.model_name)
+        message = await asyncio.to_thread(edits.edit_request, form, body, adapter, self.max_pixels)
+        return await self._answer(request, message, body)
+
+    async def _answer(
+        self, request: Request, message: generation_pb2.GenerateRequest, body: images.ImageGenerationBody
+    ) -> Response:
         reply = await _unless_disconnected(request, self.generation.GenerateOnce(message, CONTEXT))
         if reply is None:
             return Response(status_code=499)  # nobody reads it: the client left
         return JSONResponse(await asyncio.to_thread(images.images_response, reply.result, body))
+
+    @staticmethod
+    def _adapter(model: str | None, base: str) -> str | None:
+        try:
+            return images.split_model(model, base)
+        except LookupError as e:
+            raise StatusError.http_only(grpc.StatusCode.NOT_FOUND, str(e), "MODEL_NOT_FOUND") from None
 
     async def _stream(self, message: generation_pb2.GenerateRequest, body: images.ImageGenerationBody) -> Any:
         events = cast(AsyncIterator[generation_pb2.GenerateEvent], self.generation.Generate(message, CONTEXT))
@@ -154,11 +177,19 @@ async def _body(request: Request, limit: int) -> bytes:
     """The request body, refused past ``limit`` bytes while it arrives."""
     _check_length(request, limit)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in _limited(request, limit):
         body += chunk
-        if len(body) > limit:
-            raise UploadTooLarge(f"the request body is larger than this server's limit of {limit} bytes")
     return bytes(body)
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive, refused once more than ``limit`` bytes came."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise UploadTooLarge(f"the request body is larger than this server's limit of {limit} bytes")
+        yield chunk
 
 
 async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T | None:
