@@ -20,6 +20,8 @@ import logging
 import os
 import secrets
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,6 +59,10 @@ class LocalCache:
         self._claims.mkdir()
         self._reserve = self.root / RESERVE_NAME
         self.ensure_reserve()
+        # this process's claims: sha256 -> how many claims each thread holds (threads may register the
+        # same bytes at once; the marker stays while any of them does)
+        self._held: dict[str, Counter[int]] = {}
+        self._held_lock = threading.Lock()
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -70,11 +76,32 @@ class LocalCache:
         another process's garbage collection (at its start) leaves them alone; unclaimed files that no row
         names are orphans and are removed at once."""
         marker = self._claims / sha256
-        marker.touch()
+        me = threading.get_ident()
+        with self._held_lock:
+            holders = self._held.setdefault(sha256, Counter())
+            if not holders:
+                marker.touch()
+            holders[me] += 1
         try:
             yield
         finally:
-            marker.unlink(missing_ok=True)
+            with self._held_lock:
+                holders[me] -= 1
+                if holders[me] <= 0:
+                    del holders[me]
+                if not holders:
+                    del self._held[sha256]
+                    marker.unlink(missing_ok=True)
+
+    def claimed_by_others(self, sha256: str) -> bool:
+        """Whether another thread of this process, or another process, is registering ``sha256`` now
+        (its files are then not this caller's to drop: that registration's row will name them)."""
+        with self._held_lock:
+            holders = self._held.get(sha256, Counter())
+            if any(thread != threading.get_ident() for thread in holders):
+                return True
+        own = self._claims / sha256
+        return any(marker != own for marker in self.tmp_root.glob(f"*.claims/{sha256}"))
 
     def ensure_reserve(self) -> None:
         """Keep :data:`RESERVE_BYTES` set aside (best effort: on a full disk it is made later)."""
@@ -118,7 +145,10 @@ class LocalCache:
         return target
 
     def drop(self, sha256: str) -> None:
-        """Forget this process's cached bytes and compiled factors of ``sha256``."""
+        """Forget this process's cached bytes and compiled factors of ``sha256``, unless another
+        registration of the same bytes is in progress (it needs them; if it fails it drops them)."""
+        if self.claimed_by_others(sha256):
+            return
         self.blob_path(sha256).unlink(missing_ok=True)
         for compiled in self.compiled.glob(f"*/{sha256}.safetensors"):
             compiled.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from deft_server.registry import AdapterRegistry, AdapterState, UploadFormat
 from deft_server.store import SCHEMA_VERSION, AdapterRecord, SQLiteStore, StoreError
 from deft_server.uploads import UploadFile, extract_archive, is_tar, validate_name
 from peft import DeftConfig, get_peft_model
+from safetensors.torch import load_file
 
 from deft_runtime.base_view import BaseView
 from deft_runtime.errors import (
@@ -28,6 +30,7 @@ from deft_runtime.errors import (
     InvalidRequest,
 )
 from deft_runtime.formats import ReadLimits
+from deft_runtime.formats.safetensors_io import write_safetensors_atomic
 from deft_runtime.models import build_tiny_omnigen, build_tiny_sdxl
 
 # ---------------------------------------------------------------------------- names and uploads
@@ -289,6 +292,93 @@ def test_registry_caches_compiled_factors_across_restarts_and_bases(tmp_path, pe
     registry.delete("dog")
     assert not registry.exists("dog") and not any(registry.store.cache.blobs.glob("*/*"))
     assert not any(registry.store.cache.compiled.glob("*/*"))
+
+
+def test_racing_registrations_of_the_same_bytes_leave_one_intact(tmp_path, peft_dir, monkeypatch):
+    """Threads registering one name with the same bytes all pass the early name check, compile, and
+    then write the same content-addressed files at once: one wins, the others get AdapterExists (never
+    an I/O error from a shared temporary file), and the winner's blob and factors survive the losers'
+    clean-up."""
+    registry = _registry(tmp_path / "data", build_tiny_sdxl(0).unet)
+    threads = 4
+    barrier = threading.Barrier(threads, timeout=60)
+    build = registry._build
+
+    def build_then_wait(*args, **kwargs):
+        built = build(*args, **kwargs)
+        barrier.wait()  # every thread is past check_free before anyone saves or commits
+        return built
+
+    monkeypatch.setattr(registry, "_build", build_then_wait)
+    folders = [tmp_path / f"u{i}" for i in range(threads)]
+    uploads = [_received(f, peft_dir) for f in folders if not f.mkdir()]
+    outcomes: list[object] = []
+
+    def register(upload) -> None:
+        try:
+            outcomes.append(registry.register("race", upload, None, {}))
+        except Exception as e:
+            outcomes.append(e)
+
+    workers = [threading.Thread(target=register, args=(u,)) for u in uploads]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert sorted(type(o).__name__ for o in outcomes) == ["AdapterExists"] * (threads - 1) + ["AdapterRecord"]
+    (record,) = [o for o in outcomes if isinstance(o, AdapterRecord)]
+    assert registry.store.blob_path(record.sha256).is_file()
+    assert registry.store.cache.compiled_path(record.sha256, registry.base_digest).is_file()
+    assert not any(registry.store.cache.compiled.glob("*/.*.tmp-*"))
+    assert not any(registry.store.cache.tmp_root.glob("*.claims/*"))  # every claim released
+    assert registry.load_compiled("race").factors
+
+
+def test_a_claim_outlives_each_thread_but_the_last(tmp_path):
+    cache = SQLiteStore(tmp_path).cache
+    sha = "ab" * 32
+    _write(cache.blob_path(sha), b"bytes")
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache.claim(sha):
+            inside.set()
+            release.wait(30)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    assert inside.wait(30)
+    with cache.claim(sha):
+        pass  # this thread's claim ends; the other thread's is still held
+    assert cache._claimed() == {sha}
+    cache.drop(sha)  # another registration of these bytes is in progress: its files stay
+    assert cache.blob_path(sha).is_file()
+    release.set()
+    other.join(30)
+    assert cache._claimed() == set()
+    cache.drop(sha)
+    assert not cache.blob_path(sha).exists()
+
+
+def test_threads_writing_one_file_atomically_all_succeed(tmp_path):
+    target = tmp_path / "same.safetensors"
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        try:
+            for _ in range(20):
+                write_safetensors_atomic(target, {"x": torch.full((256,), float(seed))}, {"k": "v"})
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == []
+    assert load_file(target)["x"].unique().numel() == 1  # one writer's whole file, never a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["same.safetensors"]
 
 
 def test_a_failed_registration_leaves_nothing(tmp_path, peft_dir):

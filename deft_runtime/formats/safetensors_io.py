@@ -8,6 +8,7 @@ with a precise error instead of a large allocation or an opaque library message.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,9 @@ def write_safetensors_atomic(
     """Write a safetensors file through a temporary sibling and ``os.replace``: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # unique per writer (threads of one process may write the same content-addressed file at once); the
+    # pid stays last, where garbage collection reads it to tell a live writer's file from a crash's
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}-{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(publish(tmp), path)  # safetensors writes 0600
