@@ -133,6 +133,18 @@ class ServerSettings(BaseSettings):
     max_batch_rows: int = Field(16, ge=1, description="rows per denoiser forward (CFG rows count)")
     max_active: int = Field(32, ge=1, description="requests denoising at once")
     max_queue: int = Field(256, ge=1, description="waiting requests before RESOURCE_EXHAUSTED")
+    mixed_batch_rows: int | None = Field(
+        None,
+        ge=1,
+        description="rows per forward while several tenants have work (default: --max-batch-rows; "
+        "2 on a CPU, where every row costs the same, keeps a light tenant's steps as cheap as alone)",
+    )
+    idle_credit_row_steps: float = Field(
+        100.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="row-steps a tenant back from idle may run ahead of the others in batch planning",
+    )
     grace_period: float = Field(30.0, ge=0, description="seconds in-flight requests get after SIGTERM")
     # --- request limits
     max_pixels: int = Field(2048 * 2048, ge=1, description="largest width x height")
@@ -212,7 +224,11 @@ class ServerSettings(BaseSettings):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            max_batch_rows=self.max_batch_rows, max_active=self.max_active, max_queue=self.max_queue
+            max_batch_rows=self.max_batch_rows,
+            max_active=self.max_active,
+            max_queue=self.max_queue,
+            mixed_batch_rows=self.mixed_batch_rows,
+            idle_credit_row_steps=self.idle_credit_row_steps,
         )
 
     def request_limits(self) -> RequestLimits:

@@ -283,8 +283,11 @@ class DeftReplica:
             log.warning("replica %s could not pre-load %s now: %s", self.replica_id, names, e)
 
     async def _prepare(self, request: generation_pb2.GenerateRequest) -> None:
-        """Validate like the service would, then hold the request's adapter set (its routing id)."""
-        generation_request(request, self.limits, self.runtime.engine.family.defaults(), None).validate()
+        """Validate like the service would (on a worker thread: input images are decoded), then hold the
+        request's adapter set (its routing id)."""
+        defaults = self.runtime.engine.family.defaults()
+        checked = await asyncio.to_thread(generation_request, request, self.limits, defaults, None)
+        checked.validate()
         set_id = serve.get_multiplexed_model_id()  # what the router routed on ("" with routing=any)
         if set_id:
             await self._hold(set_id)

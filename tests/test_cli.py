@@ -112,6 +112,27 @@ def test_serve_flags_reach_the_settings_and_only_the_given_ones(monkeypatch):
     assert refused.exit_code == 2 and "float8" in refused.output and seen == seen[:1]
 
 
+def test_fair_planning_flags_reach_the_engine_config(monkeypatch):
+    pytest.importorskip("pydantic_settings")
+    import deft_server.app
+    from deft_server.config import ServerSettings
+
+    seen: list[dict] = []
+    monkeypatch.setattr(deft_server.app, "main", lambda overrides: seen.append(overrides) or 0)
+    result = runner.invoke(app, ["serve", "--mixed-batch-rows", "2", "--idle-credit-row-steps", "40"])
+    assert result.exit_code == 0, result.output
+    config = ServerSettings(**seen[0]).engine_config()
+    assert (config.mixed_batch_rows, config.idle_credit_row_steps) == (2, 40.0)
+    assert ServerSettings().engine_config().mixed_batch_rows is None  # default: --max-batch-rows
+    for field, value in (
+        ("mixed_batch_rows", 0),
+        ("idle_credit_row_steps", -1),
+        ("idle_credit_row_steps", "inf"),
+    ):
+        with pytest.raises(ValueError, match=field):  # pydantic's ValidationError, at the server's start
+            ServerSettings(**{field: value})
+
+
 def test_a_new_settings_field_becomes_a_flag_of_its_type():
     """The generator on fields the server does not have yet: a bool flag pair, a repeatable list, a
     Literal's choices, a size in units."""
