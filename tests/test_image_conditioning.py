@@ -32,7 +32,11 @@ def square_mask(size: int = 64) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cond_adapters")
+    return make_adapters(tmp_path_factory.mktemp("cond_adapters"))
+
+
+def make_adapters(root):
+    """dog: a PEFT DEFT directory, style: a PEFT LoRA one, both for tiny-sdxl (seed 0)."""
     unet = build_tiny_sdxl(0).unet
     deft = DeftConfig(r=4, target_modules=TARGETS, decomposition_method="qr", init_weights=False)
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False)
