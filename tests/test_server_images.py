@@ -40,7 +40,7 @@ MAX_IMAGES = 2
 #: the requests of the tests below, as client keywords (steps, not num_inference_steps)
 IMG2IMG = dict(prompt="a dog on a beach", strength=0.6, steps=6, guidance_scale=5.0, seed=3)
 INPAINT = dict(prompt="a red ball", strength=0.8, steps=5, guidance_scale=5.0, seed=4)
-MIXED_I2I = dict(prompt="a fox", strength=0.7, steps=10, guidance_scale=5.0, seed=11, num_images=2)
+MIXED_I2I = dict(prompt="a fox", strength=0.7, steps=40, guidance_scale=5.0, seed=11, num_images=2)
 TEXT = dict(prompt="a cat", steps=4, guidance_scale=5.0, seed=9)
 
 
@@ -116,7 +116,8 @@ def _distinct_adapter_forwards(server) -> float:
 
 
 def test_concurrent_img2img_inpaint_and_text_from_threads_match_diffusers(server, client, peft_dirs):
-    """img2img (style, 2 images) streams; inpainting (dog) and text-to-image join it mid-run."""
+    """img2img (style, 2 images, 28 steps: a wide window) streams; inpainting (dog) and text-to-image
+    join it mid-run."""
     image, mask = picture(2), square_mask()
     started = threading.Event()
 
