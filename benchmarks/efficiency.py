@@ -241,9 +241,13 @@ def instrumented(engine: Engine) -> Iterator[PhaseTimer]:
 def breakdown(w: Workload, wall: float, seconds: dict[str, float], bare_forward_s: float) -> dict[str, float]:
     forwards = w.rows_per_run() / w.max_rows
     s = dict(seconds)
+    forward = s.get("forward", 0.0)
+    # the bare forward is timed in its own runs: on a noisy machine it can come out slower than the
+    # instrumented run's whole forward, and then the adapter layers' share is below what one run resolves
+    bare = min(bare_forward_s * forwards, forward)
     parts = {
-        "bare forward": bare_forward_s * forwards,
-        "adapter layers": s.get("forward", 0.0) - bare_forward_s * forwards,
+        "bare forward": bare,
+        "adapter layers": forward - bare,
         "scheduler steps": s.get("step (with guidance)", 0.0) - s.get("guidance", 0.0),
         **{p: s.get(p, 0.0) for p in PHASES if p in s},
     }

@@ -313,6 +313,24 @@ def test_run_suite_measures_in_a_temporary_folder_and_writes_every_report(tmp_pa
     assert seen[-1] == kept and (kept / "scratch").exists()
 
 
+def test_efficiency_breakdown_never_books_negative_adapter_time():
+    """The bare forward comes from separate runs; when noise makes it slower than the instrumented
+    forward, the breakdown books the whole forward as bare (adapter layers 0), never a negative share."""
+    from types import SimpleNamespace
+
+    from benchmarks import efficiency
+
+    w = SimpleNamespace(rows_per_run=lambda: 32, max_rows=8)  # 4 forwards
+    seconds = {"forward": 2.0, "decode": 0.5, "schedule": 0.1}
+    slow_bare = efficiency.breakdown(w, 3.0, seconds, bare_forward_s=0.6)  # 2.4 s > 2.0 s measured
+    assert slow_bare["bare forward"] == 2.0 / 3.0 and slow_bare["adapter layers"] == 0.0
+    fast_bare = efficiency.breakdown(w, 3.0, seconds, bare_forward_s=0.4)
+    assert abs(fast_bare["bare forward"] - 1.6 / 3.0) < 1e-12
+    assert abs(fast_bare["adapter layers"] - 0.4 / 3.0) < 1e-12
+    for parts in (slow_bare, fast_bare):
+        assert min(parts.values()) >= 0 and abs(sum(parts.values()) - 1) < 1e-12
+
+
 def test_efficiency_suite_times_every_phase_of_a_saturated_engine(tmp_path):
     """--quick on tiny-sdxl: the engine ran full-batch forwards (the bare roofline is measured on their
     own inputs), every instrumented phase saw time, the shares add up to the wall time, and the engine's
