@@ -67,9 +67,19 @@ def read_inputs(request: Any, base: GenerationRecord | None) -> InputFiles:
     if base is not None:
         _check_against(inputs, base)
     if not images:
-        for flag, value in (("--mask", mask), ("--strength", request.strength)):
+        given = (
+            ("--mask", mask),
+            ("--strength", request.strength),
+            ("--image-guidance", request.image_guidance),
+        )
+        for flag, value in given:
             if value is not None:
                 raise fail(f"{flag} needs --image FILE: it applies to an input image")
+    if request.strength is not None and not 0 < request.strength <= 1:  # False for NaN
+        raise fail(
+            f"--strength {request.strength:g} is out of range: give a number in (0, 1] (how much of --image "
+            "is re-noised; 1: all of it)"
+        )
     return inputs
 
 
@@ -89,7 +99,8 @@ def _check_against(inputs: InputFiles, base: GenerationRecord) -> None:
     mask = sha256_hex(inputs.mask) if inputs.mask is not None else None
     if base.input_images and (given != base.input_images or mask != base.mask_image):
         err_console.print(
-            "[yellow]warning:[/] the input images differ from those the image was made from "
-            f"({escape(', '.join(d[:12] for d in base.input_images))}): the image will differ",
+            "[yellow]warning:[/] the input images differ from those the image was made from (sha256 "
+            f"{escape(', '.join(d[:12] for d in base.input_images))} then, "
+            f"{escape(', '.join(d[:12] for d in given))} now): the image will differ",
             soft_wrap=True,
         )
