@@ -60,7 +60,6 @@ def test_img2img_equals_the_client_and_the_png_records_strength_and_input(server
     assert not np.array_equal(pixels(out), pixels(tmp_path / "weak.png"))  # the strength reaches the server
 
 
-
 def test_inpainting_with_mask_equals_the_client(server, files, tmp_path):
     out = tmp_path / "inpaint.png"
     args = ("--image", str(files["image"]), "--mask", str(files["mask"]), "--strength", "0.8")
