@@ -19,6 +19,7 @@ SUITES = {
     "quality-base": "benchmarks.quality_base",
     "quality": "benchmarks.quality",
     "efficiency": "benchmarks.efficiency",
+    "compiled": "benchmarks.compiled",
     "omnigen-rope": "benchmarks.omnigen_rope",
 }
 

@@ -108,10 +108,17 @@ class Workload:
     def rows_per_run(self) -> int:
         return self.requests * self.steps * 2  # CFG: two rows per request per step
 
-    def run_engine(self) -> float:
+    def run_engine(self, engine: Engine | None = None) -> float:
+        """Seconds for the saturated run: every request at once, each with its own adapter."""
         start = time.perf_counter()
+        self.results(engine)
+        return time.perf_counter() - start
+
+    def results(self, engine: Engine | None = None) -> list[Any]:
+        """Run the requests on ``engine`` (default: the workload's), all submitted at once; their results."""
+        engine = engine or self.engine
         handles = [
-            self.engine.submit(
+            engine.submit(
                 GenerationRequest(
                     prompt=f"a photo of concept {i}", seed=i, num_inference_steps=self.steps,
                     guidance_scale=5.0, adapters=((f"a{i}", 1.0),),
@@ -119,9 +126,7 @@ class Workload:
             )
             for i in range(self.requests)
         ]  # fmt: skip
-        for h in handles:
-            h.result(600)
-        return time.perf_counter() - start
+        return [h.result(600) for h in handles]
 
     def bare_forward(self) -> float:
         start = time.perf_counter()
@@ -288,7 +293,12 @@ def measure_model(args: argparse.Namespace, model: str, workdir: Path) -> dict[s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks efficiency", description=__doc__)
+    return parse_workload_args("efficiency", __doc__, argv)
+
+
+def parse_workload_args(suite: str, doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The saturated workload's options (shared with the ``compiled`` suite)."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks {suite}", description=doc)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--requests", type=int, default=8, help="requests per run, each its own adapter")
     parser.add_argument("--steps", type=int, default=12)
@@ -297,7 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny-sdxl only, 4 requests x 3 steps, 1 repeat")
-    parser.add_argument("--out", default=None, help="report name (default efficiency, or efficiency-quick)")
+    parser.add_argument("--out", default=None, help=f"report name (default {suite}, or {suite}-quick)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:

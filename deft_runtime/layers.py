@@ -7,11 +7,18 @@ reference to the one shared :class:`~deft_runtime.batch.AdapterBatch`; it decide
 
     y = base(x)                                # W0·x + b, untouched
     y[i] += Σ_k w_ik · B_k · (A_k · x[i])      # ops backend, chosen once at construction
+
+Under ``torch.compile`` the second line is one opaque custom op, ``deft::layer_adapters(y, x, handle)``:
+``handle`` (an int fixed at construction) names the wrapper, and everything that changes between
+forwards (the batch mapping, the backend's metadata, the pool's page tables) is read inside the op, so
+the compiled graph never depends on it and changing adapters or their mix never recompiles.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -36,6 +43,22 @@ def find_targets(model: nn.Module, patterns: Sequence[str] = DEFAULT_TARGETS) ->
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and rx.search(name)}
 
 
+#: every live wrapper by its handle: what ``deft::layer_adapters`` calls back into
+_LAYERS: weakref.WeakValueDictionary[int, MultiAdapterLinear] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("deft::layer_adapters", mutates_args=("y",))
+def layer_adapters(y: torch.Tensor, x: torch.Tensor, handle: int) -> None:
+    """``y += `` the adapters of wrapper ``handle`` for the current batch mapping (opaque to compile)."""
+    _LAYERS[handle].add_adapters(y, x)
+
+
+@layer_adapters.register_fake
+def _layer_adapters_fake(y: torch.Tensor, x: torch.Tensor, handle: int) -> None:
+    """Shapes only: ``y`` is written in place."""
+
+
 class MultiAdapterLinear(nn.Module):
     """A Linear plus per-row low-rank adapters read from the shared batch mapping."""
 
@@ -48,6 +71,8 @@ class MultiAdapterLinear(nn.Module):
         self.batch = batch
         self.ops = ops
         self.layer_name = name
+        self.handle = next(_HANDLES)
+        _LAYERS[self.handle] = self
 
     @property
     def in_features(self) -> int:
@@ -67,6 +92,14 @@ class MultiAdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if torch.compiler.is_compiling():
+            layer_adapters(y, x, self.handle)
+            return y
+        return self.add_adapters(y, x)
+
+    def add_adapters(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base output, ``[R, d_out]`` or ``[R, T, d_out]``) plus this layer's adapters for
+        the batch's current mapping, in place; returns ``y``."""
         batch = self.batch
         if batch.is_empty:
             return y
@@ -76,8 +109,8 @@ class MultiAdapterLinear(nn.Module):
             )
         squeeze = x.dim() == 2  # [R, d] inputs are one token per row
         x3, y3 = (x.unsqueeze(1), y.unsqueeze(1)) if squeeze else (x, y)
-        out = self.ops.add_adapters(y3, x3, self.pages, batch)
-        return out.squeeze(1) if squeeze else out
+        self.ops.add_adapters(y3, x3, self.pages, batch)
+        return y
 
     def extra_repr(self) -> str:
         return f"{self.layer_name}, backend={self.ops.name}"

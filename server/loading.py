@@ -154,4 +154,11 @@ def _load(settings: ServerSettings, metrics: ServerMetrics, store: AdapterStore)
         source=registry,
     )
     engine = Engine(pipe, model, settings.engine_config(), observer=metrics, device=device, dtype=dtype)
+    if settings.compile:
+        log.info("compiling the denoiser (--compile): the server reports SERVING when it is done")
+        try:
+            log.info("compiled and warmed up in %.1fs", engine.warm_up())
+        except BaseException:
+            engine.shutdown()
+            raise
     return ServingRuntime(settings.model, pipe, model, registry, engine)

@@ -313,6 +313,21 @@ def test_run_suite_measures_in_a_temporary_folder_and_writes_every_report(tmp_pa
     assert seen[-1] == kept and (kept / "scratch").exists()
 
 
+@pytest.mark.slow
+def test_compiled_suite_compiles_once_and_serves_every_mix_without_recompiling(tmp_path):
+    """--quick on tiny-sdxl: the compiled engine's warm-up took real time, the timed runs (every request
+    its own adapter, then one alone) compiled no new graph, and both engines made the same images."""
+    from benchmarks import compiled
+
+    payload = compiled.main(["--quick", "--results-dir", str(tmp_path)])
+    (row,) = payload["rows"]
+    assert row["model"] == "tiny-sdxl" and row["compile_s"] > 1
+    assert row["graphs_compiled_while_serving"] == 0
+    assert row["max_pixel_diff_255"] <= 2
+    assert 0.2 < row["saturated_speedup"] < 5 and 0.2 < row["alone_speedup"] < 5  # both really ran
+    assert "tiny-sdxl" in (tmp_path / "compiled-quick.md").read_text()
+
+
 def test_efficiency_breakdown_never_books_negative_adapter_time():
     """The bare forward comes from separate runs; when noise makes it slower than the instrumented
     forward, the breakdown books the whole forward as bare (adapter layers 0), never a negative share."""

@@ -53,6 +53,7 @@ class EngineConfig:
     mixed_batch_rows: int | None = None  # rows per forward while several tenants have work (None: max)
     idle_credit_row_steps: float = 100.0  # how far ahead a tenant back from idle may run (row-steps)
     newcomer_slots: int = 1  # in-flight slots above max_active, for tenants with nothing in flight
+    compile: bool = False  # torch.compile the denoiser with its adapter layers (see StepRunner)
 
 
 class Engine:
@@ -86,7 +87,7 @@ class Engine:
             mixed_rows=cfg.mixed_batch_rows, credit_row_steps=cfg.idle_credit_row_steps,
             newcomer_slots=cfg.newcomer_slots,
         )  # fmt: skip
-        self.runner = StepRunner(model, self.family, self.previewer, obs)
+        self.runner = StepRunner(model, self.family, self.previewer, obs, compile=self.config.compile)
         self._stop, self._stop_reason = False, ""
         self._thread = threading.Thread(target=self._run, name="deft-engine", daemon=True)
         self._thread.start()
@@ -116,6 +117,19 @@ class Engine:
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
         """Blocking convenience: submit and wait."""
         return self.submit(request).result(timeout)
+
+    def warm_up(self, timeout: float | None = None) -> float:
+        """One small request (the model's default size, CFG, 2 steps) before serving, so that a compiled
+        denoiser (:attr:`EngineConfig.compile`) compiles now and not in a user's request; the observer
+        (metrics) does not see it. Returns its seconds."""
+        observer, self.observer = self.observer, NullObserver()
+        start = time.perf_counter()
+        try:
+            request = GenerationRequest(prompt="warm-up", seed=0, num_inference_steps=2, guidance_scale=5.0)
+            self.generate(request, timeout)
+        finally:
+            self.observer = observer
+        return time.perf_counter() - start
 
     @property
     def waiting(self) -> int:

@@ -16,7 +16,8 @@ It reports what happened in a :class:`StepOutput`; the scheduler turns that into
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -34,11 +35,14 @@ class StepRunner:
         family: ModelFamily,
         previewer: LatentPreviewer,
         observer: EngineObserver,
+        *,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.family = family
         self.previewer = previewer
         self.observer = observer
+        self.denoiser = compiled_denoiser(model.denoiser) if compile else model.denoiser
 
     def execute(self, plan: StepPlan) -> StepOutput:
         out = StepOutput(plan.iteration)
@@ -95,7 +99,7 @@ class StepRunner:
         start = time.perf_counter()
         self.model.set_rows(rows)
         try:
-            output: torch.Tensor = self.model.denoiser(**inputs)[0]
+            output: torch.Tensor = self.denoiser(**inputs)[0]
         finally:
             self.model.batch.clear()
         distinct = len({name for r in batch for name in r.adapter_names})
@@ -123,3 +127,15 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
         return []
     flags = torch.stack([torch.isfinite(t).all() for t in tensors])
     return [bool(f) for f in flags.tolist()]
+
+
+def compiled_denoiser(denoiser: torch.nn.Module) -> Callable[..., Any]:
+    """``torch.compile`` of the denoiser with its adapter layers (inductor, dynamic shapes).
+
+    Each :class:`~deft_runtime.layers.MultiAdapterLinear` enters the graph as one opaque custom op
+    (``deft::layer_adapters``) that reads the batch mapping and page tables when it runs, so swapping
+    adapters, their weights or their mix between forwards never recompiles. Batch size, token count and
+    latent size are symbolic (``dynamic=True``): a new batch size reuses the same code; only a new
+    model-level shape class (e.g. batch 1) compiles once more.
+    """
+    return torch.compile(denoiser, dynamic=True)

@@ -1,0 +1,154 @@
+"""Compiled-path suite: what ``deft serve --compile`` costs at start-up and gains while serving.
+
+For each model, one engine runs the denoiser eagerly and a second one, over the same pipeline and
+adapter pool, runs it through ``torch.compile`` (inductor, dynamic shapes; every adapter layer is one
+opaque ``deft::layer_adapters`` op, so the graph never depends on which adapters a forward uses). The
+suite records
+
+- **compile seconds**: the compiled engine's :meth:`~deft_runtime.engine.Engine.warm_up` (one small
+  request), what a server spends before it reports SERVING;
+- **saturated speed-up**: the efficiency suite's run (``--requests`` requests × ``--steps`` steps with
+  CFG, each its own rank-``--rank`` DEFT adapter, all at once) eager ÷ compiled, medians of
+  alternating runs;
+- **single-request speed-up**: one request with one adapter, alone, eager ÷ compiled;
+- **max pixel difference** between the two engines' images of the same requests (/255);
+- **graphs compiled while serving**: dynamo's graph count after the warm-up minus before the timed
+  runs (0: changing adapters, mixes and batch sizes never recompiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import interleaved_medians, markdown_table, run_suite, string_params
+from benchmarks.efficiency import Workload, parse_workload_args
+from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _max_pixel_diff(a: list[Any], b: list[Any]) -> float:
+    diffs = [
+        np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)).max()
+        for ra, rb in zip(a, b, strict=True)
+        for x, y in zip(ra.images, rb.images, strict=True)
+    ]
+    return float(max(diffs))
+
+
+def measure_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    w = Workload(model, args.requests, args.steps, args.rank, args.max_batch_rows)
+    eager = w.engine
+    torch._dynamo.reset()  # a cold compile, whatever ran before in this process
+    compiled = Engine(
+        eager.pipe,
+        eager.model,
+        EngineConfig(max_batch_rows=args.max_batch_rows, max_active=args.requests, compile=True),
+    )
+    try:
+        compile_s = compiled.warm_up(timeout=3600)
+        graphs = _graphs()
+        alone = GenerationRequest(
+            prompt="a photo of concept 0", seed=0, num_inference_steps=args.steps, guidance_scale=5.0,
+            adapters=(("a0", 1.0),),
+        )  # fmt: skip
+        started = time.perf_counter()
+        medians = interleaved_medians(
+            {
+                "eager saturated": lambda: w.run_engine(eager),
+                "compiled saturated": lambda: w.run_engine(compiled),
+                "eager alone": lambda: eager.generate(alone, timeout=600),
+                "compiled alone": lambda: compiled.generate(alone, timeout=600),
+            },
+            device=torch.device("cpu"),
+            repeats=args.repeats,
+        )
+        timed_s = time.perf_counter() - started
+        diff = _max_pixel_diff(w.results(eager), w.results(compiled))
+        recompiled = _graphs() - graphs
+    finally:
+        compiled.shutdown()
+        eager.shutdown()
+    return {
+        "model": model,
+        "compile_s": compile_s,
+        "seconds": medians,
+        "saturated_speedup": medians["eager saturated"] / medians["compiled saturated"],
+        "alone_speedup": medians["eager alone"] / medians["compiled alone"],
+        "max_pixel_diff_255": diff,
+        "graphs_compiled_while_serving": recompiled,
+        "timed_seconds": timed_s,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_workload_args("compiled", __doc__, argv)
+
+
+def report(name: str, payload: dict[str, Any]) -> str:
+    rows = [
+        {
+            "model": r["model"],
+            "compile s": f"{r['compile_s']:.1f}",
+            "saturated eager / compiled": f"{r['saturated_speedup']:.3f}",
+            "alone eager / compiled": f"{r['alone_speedup']:.3f}",
+            "max pixel diff /255": f"{r['max_pixel_diff_255']:.2f}",
+            "graphs compiled while serving": str(r["graphs_compiled_while_serving"]),
+        }
+        for r in payload["rows"]
+    ]
+    seconds = [
+        {"model": r["model"], **{k: f"{v:.3f}" for k, v in r["seconds"].items()}} for r in payload["rows"]
+    ]
+    p = payload["params"]
+    return "\n".join(
+        [
+            f"# {name}",
+            "",
+            f"{p['requests']} requests x {p['steps']} steps with CFG, rank-{p['rank']} DEFT adapter each, "
+            f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}; "
+            "inductor, dynamic shapes (`deft serve --compile`)",
+            "",
+            markdown_table(rows, list(rows[0])),
+            "",
+            "Medians (seconds per run):",
+            "",
+            markdown_table(seconds, list(seconds[0])),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    name = args.out or ("compiled-quick" if args.quick else "compiled")
+    return run_suite(
+        "compiled",
+        name,
+        lambda workdir: {"rows": [measure_model(args, m) for m in args.models]},
+        machine=lambda: {"threads": args.threads, "torch": torch.__version__},
+        params={
+            **string_params(args, leave_out=("results_dir",)),
+            "requests": args.requests,
+            "steps": args.steps,
+            "rank": args.rank,
+            "max_batch_rows": args.max_batch_rows,
+            "repeats": args.repeats,
+            "threads": args.threads,
+        },
+        report=report,
+        out_dir=args.results_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()
