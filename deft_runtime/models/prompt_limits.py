@@ -7,11 +7,30 @@ client gets back with its result.
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 #: past this, a tokenizer's ``model_max_length`` is transformers' "no limit" placeholder (≈1e30)
 _NO_LIMIT = 1 << 20
+
+#: this module's own copy of each pipeline tokenizer, and the lock its calls take. A fast (Rust)
+#: tokenizer's padding and truncation are state that every call sets: counting tokens on a request
+#: thread with the pipeline's own tokenizer, while the engine thread encodes prompts with it (padded to
+#: 77), could leave the engine's batch unpadded (a real failure under load: "Expected size 3 but got
+#: size 77" in ``encode_prompt``).
+_COPIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _private(tokenizer: Any) -> Any:
+    """This module's copy of ``tokenizer`` (made once; call with ``_LOCK`` held)."""
+    mine = _COPIES.get(tokenizer)
+    if mine is None:
+        mine = _COPIES[tokenizer] = copy.deepcopy(tokenizer)
+    return mine
 
 
 def _tokenizers(pipe: Any) -> list[Any]:
@@ -30,7 +49,9 @@ def truncation_warnings(pipe: Any, prompts: Mapping[str, str | None]) -> list[st
     warnings = []
     for name, text in prompts.items():
         for tokenizer in _tokenizers(pipe) if text else ():
-            limit, count = int(tokenizer.model_max_length), token_count(tokenizer, text or "")
+            with _LOCK:
+                count = token_count(_private(tokenizer), text or "")
+            limit = int(tokenizer.model_max_length)
             if count > limit:
                 warnings.append(
                     f"{name} truncated: it is {count} tokens long (start and end tokens included) but the "
