@@ -3,7 +3,8 @@
 The same Poisson arrival trace (mixed step counts, a different adapter per request) is replayed against
 three engines that share every kernel and differ only in admission policy:
 
-- ``step-level``: requests join and leave the running batch at any denoising step (deft);
+- ``step-level``: requests join and leave the running batch at any denoising step (deft), with each
+  of the planner's batch orders (``longest-wait``, the default; ``arrival``; ``fewest-remaining``);
 - ``static``: a batch is formed when the previous batch has completely finished (what pipelines do);
 - ``one-at-a-time``: a single request at a time.
 
@@ -33,6 +34,10 @@ from deft_runtime.testing import random_adapter
 
 POLICIES = {
     "step-level": dict(admission="continuous", max_active=32),
+    "step-level, arrival order": dict(admission="continuous", max_active=32, batch_order="arrival"),
+    "step-level, fewest remaining": dict(
+        admission="continuous", max_active=32, batch_order="fewest-remaining"
+    ),
     "static": dict(admission="static", max_active=32),
     "one-at-a-time": dict(admission="continuous", max_active=1),
 }
@@ -218,6 +223,12 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for label in dict.fromkeys(r["load"] for r in rows):
         by = {r["policy"]: r for r in rows if r["load"] == label}
         out[label] = {
+            **{
+                f"{metric} {policy} / static": by[policy][key] / by["static"][key]
+                for policy in by
+                if policy.startswith("step-level, ")
+                for metric, key in (("p99", "p99_s"), ("throughput", "throughput_img_s"))
+            },
             "p99 step-level / static": by["step-level"]["p99_s"] / by["static"]["p99_s"],
             "throughput step-level / static": by["step-level"]["throughput_img_s"]
             / by["static"]["throughput_img_s"],
@@ -238,12 +249,7 @@ def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
         + "\n\n"
         + markdown_table(
             [{"load": k, **v} for k, v in payload["ratios"].items()],
-            [
-                "load",
-                "p99 step-level / static",
-                "throughput step-level / static",
-                "p99 step-level / one-at-a-time",
-            ],
+            ["load", *next(iter(payload["ratios"].values()))],
         )
         + f"\n\n![latency CDF]({payload['plot']})\n"
     )

@@ -145,6 +145,11 @@ class ServerSettings(BaseSettings):
         allow_inf_nan=False,
         description="row-steps a tenant back from idle may run ahead of the others in batch planning",
     )
+    batch_order: Literal["longest-wait", "arrival", "fewest-remaining"] = Field(
+        "longest-wait",
+        description="who fills a forward after the longest-waiting request: longest-wait (every active "
+        "request at the same pace) | arrival (earliest first) | fewest-remaining (fewest steps left first)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the denoiser with its adapter layers (inductor); compiles at start-up, "
@@ -236,6 +241,7 @@ class ServerSettings(BaseSettings):
             mixed_batch_rows=self.mixed_batch_rows,
             idle_credit_row_steps=self.idle_credit_row_steps,
             compile=self.compile,
+            batch_order=self.batch_order,
         )
 
     def request_limits(self) -> RequestLimits:

@@ -119,10 +119,27 @@ def test_fair_planning_flags_reach_the_engine_config(monkeypatch):
 
     seen: list[dict] = []
     monkeypatch.setattr(deft_server.app, "main", lambda overrides: seen.append(overrides) or 0)
-    result = runner.invoke(app, ["serve", "--mixed-batch-rows", "2", "--idle-credit-row-steps", "40"])
+    result = runner.invoke(
+        app,
+        [
+            "serve",
+            "--mixed-batch-rows",
+            "2",
+            "--idle-credit-row-steps",
+            "40",
+            "--batch-order",
+            "arrival",
+            "--compile",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = ServerSettings(**seen[0]).engine_config()
     assert (config.mixed_batch_rows, config.idle_credit_row_steps) == (2, 40.0)
+    assert (config.batch_order, config.compile) == ("arrival", True)
+    defaults = ServerSettings().engine_config()
+    assert (defaults.batch_order, defaults.compile) == ("longest-wait", False)
+    refused = runner.invoke(app, ["serve", "--batch-order", "lifo"])
+    assert refused.exit_code != 0 and "fewest-remaining" in refused.output, refused.output
     assert ServerSettings().engine_config().mixed_batch_rows is None  # default: --max-batch-rows
     for field, value in (
         ("mixed_batch_rows", 0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deft_runtime.engine.planner import BatchPlanner, Candidate, admit_count, plan_batch
+from deft_runtime.engine.planner import BATCH_ORDERS, BatchPlanner, Candidate, admit_count, plan_batch
 
 
 def cand(rid, bucket="64x64", rows=2, arrival=0, last=-1, tenant="", weight=1.0):
@@ -199,3 +199,64 @@ def test_bad_mixed_rows_are_refused():
         BatchPlanner(8, mixed_rows=0)
     with pytest.raises(ValueError, match="needs 10 rows > max_rows=8"):
         BatchPlanner(8).plan([cand("a", rows=10, tenant="A"), cand("b", tenant="B")])
+
+
+# ---------------------------------------------------------------------------- batch orders
+
+
+def ordered_cand(rid, arrival, last, remaining, tenant=""):
+    return Candidate(rid, "64x64", 2, arrival, last, tenant, 1.0, remaining)
+
+
+def test_each_order_fills_the_forward_after_the_longest_waiting_lead():
+    cs = [
+        ordered_cand("old-long", arrival=0, last=5, remaining=30),
+        ordered_cand("mid-short", arrival=1, last=4, remaining=2),
+        ordered_cand("new-waited", arrival=2, last=1, remaining=20),  # waited longest: the lead
+        ordered_cand("newest-shortest", arrival=3, last=5, remaining=1),
+    ]
+    assert plan_batch(cs, 4) == ["new-waited", "mid-short"]  # default: longest wait
+    assert plan_batch(cs, 4, "longest-wait") == ["new-waited", "mid-short"]
+    assert plan_batch(cs, 4, "arrival") == ["new-waited", "old-long"]
+    assert plan_batch(cs, 4, "fewest-remaining") == ["new-waited", "newest-shortest"]
+    for order in BATCH_ORDERS:  # one tenant: the fair planner plans exactly like plan_batch
+        assert BatchPlanner(4, order=order).plan(cs) == plan_batch(cs, 4, order)
+
+
+def simulate(order, arrivals, max_rows, iterations):
+    """A toy engine: every request needs `steps` forwards; returns each request's finishing iteration."""
+    remaining = {rid: steps for rid, (_, steps) in arrivals.items()}
+    last = dict.fromkeys(arrivals, -1)
+    finished = {}
+    planner = BatchPlanner(max_rows, order=order)
+    for it in range(iterations):
+        ready = [
+            ordered_cand(rid, arrival=at, last=last[rid], remaining=remaining[rid])
+            for rid, (at, _) in arrivals.items()
+            if at <= it and rid not in finished
+        ]
+        for rid in planner.plan(ready):
+            last[rid] = it
+            remaining[rid] -= 1
+            if remaining[rid] == 0:
+                finished[rid] = it
+    return finished
+
+
+def test_fewest_remaining_finishes_short_requests_first_and_never_starves_a_long_one():
+    # one 40-step request, then a new 3-step request every iteration; 2 requests fit a forward
+    arrivals = {"long": (0, 40), **{f"s{i}": (i, 3) for i in range(200)}}
+    done = {o: simulate(o, arrivals, max_rows=4, iterations=400) for o in BATCH_ORDERS}
+    assert "long" in done["fewest-remaining"]  # the lead rule runs it whenever it waited longest
+    short = [f"s{i}" for i in range(20)]
+    latency = {o: sum(done[o][s] - arrivals[s][0] for s in short) for o in BATCH_ORDERS}
+    assert latency["fewest-remaining"] < latency["longest-wait"]
+    finish = [done["arrival"][s] for s in short]  # arrival order: first come, first finished
+    assert finish == sorted(finish)
+
+
+def test_an_unknown_order_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="longest-wait, arrival, fewest-remaining"):
+        BatchPlanner(4, order="shortest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown batch order"):
+        plan_batch([cand("a")], 4, "lifo")  # type: ignore[arg-type]

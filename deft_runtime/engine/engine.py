@@ -26,6 +26,7 @@ import torch
 
 from deft_runtime.engine.families import ModelFamily, family_for
 from deft_runtime.engine.observer import EngineObserver, NullObserver
+from deft_runtime.engine.planner import BatchOrder
 from deft_runtime.engine.preview import LatentPreviewer
 from deft_runtime.engine.request_state import EventCallback, RequestHandle
 from deft_runtime.engine.rules import resolve_request
@@ -54,6 +55,7 @@ class EngineConfig:
     idle_credit_row_steps: float = 100.0  # how far ahead a tenant back from idle may run (row-steps)
     newcomer_slots: int = 1  # in-flight slots above max_active, for tenants with nothing in flight
     compile: bool = False  # torch.compile the denoiser with its adapter layers (see StepRunner)
+    batch_order: BatchOrder = "longest-wait"  # who fills a forward after its lead (planner.BatchOrder)
 
 
 class Engine:
@@ -85,7 +87,7 @@ class Engine:
             max_rows=cfg.max_batch_rows, max_active=cfg.max_active, max_queue=cfg.max_queue,
             static=cfg.admission == "static", retry_wait_s=cfg.idle_wait_s,
             mixed_rows=cfg.mixed_batch_rows, credit_row_steps=cfg.idle_credit_row_steps,
-            newcomer_slots=cfg.newcomer_slots,
+            newcomer_slots=cfg.newcomer_slots, batch_order=cfg.batch_order,
         )  # fmt: skip
         self.runner = StepRunner(model, self.family, self.previewer, obs, compile=self.config.compile)
         self._stop, self._stop_reason = False, ""

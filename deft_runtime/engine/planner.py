@@ -19,12 +19,22 @@ Policy (step-level continuous batching):
 - ``mixed_rows`` caps the rows of a forward while several tenants have requests ready. Where each row
   costs the same compute (a CPU), a light tenant's step is then as cheap as when it runs alone, at
   little cost in throughput; where extra rows are nearly free (a GPU), leave it at ``max_rows``.
+
+- ``order`` says who fills a forward after its lead (the longest-waiting request, which always gets
+  in, so nothing starves whatever the order): ``"longest-wait"`` (the default: round-robin over every
+  active request, all advance at the same pace), ``"arrival"`` (earliest admitted first: the requests
+  that fit a forward run back to back, the others wait their turn, like continuous batching of LLM
+  servers) or ``"fewest-remaining"`` (fewest denoising steps left first: short requests finish first).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+BatchOrder = Literal["longest-wait", "arrival", "fewest-remaining"]
+BATCH_ORDERS: tuple[BatchOrder, ...] = ("longest-wait", "arrival", "fewest-remaining")
 
 
 @dataclass(frozen=True)
@@ -38,22 +48,42 @@ class Candidate:
     last_scheduled: int  # engine iteration of its last step, -1 if never
     tenant: str = ""
     weight: float = 1.0  # the tenant's fair-share weight (> 0)
+    remaining: int = 0  # denoising steps left
 
 
 def _waited(c: Candidate) -> tuple[int, int]:
     return (c.last_scheduled, c.arrival)
 
 
-def plan_batch(candidates: Sequence[Candidate], max_rows: int) -> list[str]:
-    """Request ids for the next forward (empty when nothing is ready), ignoring tenants."""
-    ordered = sorted(candidates, key=_waited)
-    if not ordered:
+_ORDER_KEYS: dict[BatchOrder, Callable[[Candidate], tuple[int, ...]]] = {
+    "longest-wait": _waited,
+    "arrival": lambda c: (c.arrival,),
+    "fewest-remaining": lambda c: (c.remaining, c.arrival),
+}
+
+
+def ordered(candidates: Sequence[Candidate], order: BatchOrder = "longest-wait") -> list[Candidate]:
+    """The longest-waiting candidate first (it always runs), then the rest in ``order``."""
+    if order not in _ORDER_KEYS:
+        raise ValueError(f"unknown batch order {order!r}; expected one of {', '.join(BATCH_ORDERS)}")
+    if not candidates:
         return []
-    _check_head(ordered[0], max_rows)
-    bucket = ordered[0].bucket
+    head = min(candidates, key=_waited)
+    return [head, *sorted((c for c in candidates if c is not head), key=_ORDER_KEYS[order])]
+
+
+def plan_batch(
+    candidates: Sequence[Candidate], max_rows: int, order: BatchOrder = "longest-wait"
+) -> list[str]:
+    """Request ids for the next forward (empty when nothing is ready), ignoring tenants."""
+    ordered_ = ordered(candidates, order)
+    if not ordered_:
+        return []
+    _check_head(ordered_[0], max_rows)
+    bucket = ordered_[0].bucket
     chosen: list[str] = []
     used = 0
-    for c in ordered:
+    for c in ordered_:
         if c.bucket != bucket or used + c.rows > max_rows:
             continue
         chosen.append(c.request_id)
@@ -70,23 +100,34 @@ class BatchPlanner:
     """:func:`plan_batch` made fair across tenants (see the module docstring); keeps the tenants'
     virtual times between forwards. Engine-thread only."""
 
-    def __init__(self, max_rows: int, *, mixed_rows: int | None = None, credit: float = 0.0) -> None:
+    def __init__(
+        self,
+        max_rows: int,
+        *,
+        mixed_rows: int | None = None,
+        credit: float = 0.0,
+        order: BatchOrder = "longest-wait",
+    ) -> None:
         if mixed_rows is not None and mixed_rows < 1:
             raise ValueError(f"mixed_rows must be ≥ 1, got {mixed_rows}")
-        self.max_rows, self.credit = max_rows, credit
+        ordered([], order)  # refuses an unknown order now, not at the first forward
+        self.max_rows, self.credit, self.order = max_rows, credit, order
         self.mixed_rows = min(mixed_rows or max_rows, max_rows)
         self.virtual = 0.0  # never decreases: the least virtual time among tenants with work
         self.times: dict[str, float] = {}  # tenant → weighted row-steps given (virtual time)
 
     def plan(self, candidates: Sequence[Candidate]) -> list[str]:
         """Request ids for the next forward; charges the tenants for the rows they get."""
-        lanes: dict[str, list[Candidate]] = {}
-        for c in sorted(candidates, key=_waited):
-            lanes.setdefault(c.tenant, []).append(c)
+        by_tenant: dict[str, list[Candidate]] = {}
+        for c in candidates:
+            by_tenant.setdefault(c.tenant, []).append(c)
+        lanes = {t: ordered(cs, self.order) for t, cs in by_tenant.items()}
         floor = self.virtual - self.credit  # an idle tenant re-enters at most `credit` behind
         times = {t: max(self.times.get(t, floor), floor) for t in lanes}
         alone = len(lanes) <= 1
-        chosen = plan_batch(candidates, self.max_rows) if alone else self._fill(lanes, dict(times))
+        chosen = (
+            plan_batch(candidates, self.max_rows, self.order) if alone else self._fill(lanes, dict(times))
+        )
         picked = set(chosen)
         self._charge(times, [c for c in candidates if c.request_id in picked])
         return chosen

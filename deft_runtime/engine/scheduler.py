@@ -33,7 +33,7 @@ from deft_runtime.engine.fair_queue import FairQueue
 from deft_runtime.engine.families import ModelFamily
 from deft_runtime.engine.leases import AdapterLease, LeaseState, PinPool
 from deft_runtime.engine.observer import EngineObserver
-from deft_runtime.engine.planner import BatchPlanner, Candidate, admit_count
+from deft_runtime.engine.planner import BatchOrder, BatchPlanner, Candidate, admit_count
 from deft_runtime.engine.request_state import (
     EventCallback,
     RequestHandle,
@@ -74,6 +74,7 @@ class RequestScheduler:
         mixed_rows: int | None = None,
         credit_row_steps: float = 0.0,
         newcomer_slots: int = 0,
+        batch_order: BatchOrder = "longest-wait",
     ) -> None:
         self.family = family
         self.pool = pool
@@ -82,7 +83,9 @@ class RequestScheduler:
         self.max_rows, self.max_active, self.max_queue = max_rows, max_active, max_queue
         self.static = static
         self.retry_wait_s = retry_wait_s
-        self.planner = BatchPlanner(max_rows, mixed_rows=mixed_rows, credit=credit_row_steps)
+        self.planner = BatchPlanner(
+            max_rows, mixed_rows=mixed_rows, credit=credit_row_steps, order=batch_order
+        )
         self.newcomer_slots = newcomer_slots
         self.wake = threading.Event()
         self._waiting: FairQueue[TrackedRequest] = FairQueue()  # fair across tenants, FIFO within one
@@ -239,6 +242,7 @@ class RequestScheduler:
                 r.last_scheduled,
                 r.request.tenant,
                 r.request.weight,
+                r.st.steps - r.st.step_index,
             )
             for key, r in self._active.items()
         ]
