@@ -162,8 +162,10 @@ def omnigen_engine():
     eng.shutdown()
 
 
-def omnigen_reference(seed: int, **kwargs) -> np.ndarray:
+def omnigen_reference(seed: int, adapter_dir=None, **kwargs) -> np.ndarray:
     pipe = build_tiny_omnigen(0)
+    if adapter_dir is not None:
+        pipe.transformer = PeftModel.from_pretrained(pipe.transformer, adapter_dir).get_base_model()
     torch.manual_seed(seed)  # the pipeline samples input-image latents from torch's global generator
     gen = torch.Generator("cpu").manual_seed(seed)
     return pipe(generator=gen, output_type="np", **kwargs).images
@@ -224,3 +226,46 @@ def test_omnigen_two_images_and_a_text_request_mixed_match(omnigen_engine):
 def test_bad_omnigen_image_requests_are_refused(omnigen_engine, fields, words):
     with pytest.raises(InvalidRequest, match=words):
         omnigen_engine.submit(GenerationRequest(width=32, height=32, **fields))
+
+
+@pytest.fixture(scope="module")
+def omnigen_adapters(tmp_path_factory):
+    """edit: a PEFT DEFT directory, text: a PEFT LoRA one, both for tiny-omnigen (seed 0)."""
+    root = tmp_path_factory.mktemp("omnigen_adapters")
+    transformer = build_tiny_omnigen(0).transformer
+    deft = DeftConfig(r=2, target_modules=TARGETS, decomposition_method="relu", init_weights=False)
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=TARGETS, init_lora_weights=False)
+    return {
+        "edit": make_peft_dir(transformer, deft, root / "edit", 3, boost=100.0),
+        "text": make_peft_dir(transformer, lora, root / "text", 4),
+    }
+
+
+def test_omnigen_edit_and_text_requests_with_their_own_adapters_match_peft(omnigen_adapters):
+    """An edit with a DEFT adapter and a text-to-image request with a LoRA adapter, submitted together,
+    each equal OmniGenPipeline with its adapter attached through PEFT."""
+    engine = serving_engine(build_tiny_omnigen(0), omnigen_adapters, max_batch_rows=32)
+    try:
+        image = picture(9, 32)
+        handles = [
+            engine.submit(GenerationRequest(input_images=(image,), seed=3, adapters=(("edit", 1.0),), **EDIT)),
+            engine.submit(
+                GenerationRequest(
+                    prompt="a red cat", width=32, height=32, num_inference_steps=4, seed=4,
+                    adapters=(("text", 1.0),),
+                )
+            ),
+        ]  # fmt: skip
+        results = [h.result(timeout=600) for h in handles]
+    finally:
+        engine.shutdown()
+    refs = [
+        omnigen_reference(3, omnigen_adapters["edit"], input_images=[image], **EDIT),
+        omnigen_reference(
+            4, omnigen_adapters["text"], prompt="a red cat", width=32, height=32, num_inference_steps=4
+        ),
+    ]
+    plain = omnigen_reference(3, input_images=[image], **EDIT)
+    for res, ref in zip(results, refs, strict=True):
+        assert np.abs(as_array(res.images) - ref).max() <= TOL
+    assert np.abs(refs[0] - plain).max() > 4 * TOL  # the adapter changes the edit (15/255 here): it applied
