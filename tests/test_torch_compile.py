@@ -72,10 +72,26 @@ def test_changing_mixes_batch_sizes_and_new_adapters_never_recompile(engines):
             request("f", 5, 2, (("dog", 2.0),), num_images=2),
             request("g", 6, 4),
         ],
+        # full forwards: 16 rows (the warm-up compiled a full batch too)
+        [request(f"full {i}", 20 + i, 4, (("dog" if i % 2 else "style", 1.0),)) for i in range(8)],
     ]
+    rows: list[int] = []
+    observer = compiled.observer
+    spy = type(
+        "Spy",
+        (),
+        {
+            "on_forward": lambda self, n, *a: rows.append(n),
+            "__getattr__": lambda self, k: getattr(observer, k),
+        },
+    )
     with torch._dynamo.config.patch(error_on_recompile=True):
         for wave in waves:
-            got = run(compiled, wave)
+            compiled.observer = spy()
+            try:
+                got = run(compiled, wave)
+            finally:
+                compiled.observer = observer
             want = run(eager, wave)
             for g, w in zip(got, want, strict=True):
                 assert g.shape == w.shape and float(np.abs(g - w).max()) <= TOL
@@ -90,6 +106,7 @@ def test_changing_mixes_batch_sizes_and_new_adapters_never_recompile(engines):
         got, want = run(compiled, mix), run(eager, mix)
     for g, w in zip(got, want, strict=True):
         assert float(np.abs(g - w).max()) <= TOL
+    assert 16 in rows and len(set(rows)) >= 4, rows  # full forwards and several batch sizes ran compiled
     base = run(eager, [request("h", 7, 3)])[0]
     assert float(np.abs(got[0] - base).max()) > 3 * TOL  # the fresh adapter really applied (10/255 here)
 

@@ -19,7 +19,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -121,14 +121,20 @@ class Engine:
         return self.submit(request).result(timeout)
 
     def warm_up(self, timeout: float | None = None) -> float:
-        """One small request (the model's default size, CFG, 2 steps) before serving, so that a compiled
-        denoiser (:attr:`EngineConfig.compile`) compiles now and not in a user's request; the observer
-        (metrics) does not see it. Returns its seconds."""
+        """Small requests (the model's default size, CFG, 3 steps) before serving, so that a compiled
+        denoiser (:attr:`EngineConfig.compile`) compiles now and not in a user's request: one request
+        alone (2 rows), then enough at once to fill ``max_batch_rows`` (dynamo specialises a batch size
+        that equals another dimension of the graph, e.g. 16 rows beside 16 channels, so the full batch
+        gets its graph here too). The observer (metrics) does not see them. Returns their seconds."""
         observer, self.observer = self.observer, NullObserver()
         start = time.perf_counter()
         try:
-            request = GenerationRequest(prompt="warm-up", seed=0, num_inference_steps=2, guidance_scale=5.0)
-            self.generate(request, timeout)
+            first = GenerationRequest(prompt="warm-up", seed=0, num_inference_steps=3, guidance_scale=5.0)
+            self.generate(first, timeout)
+            full = max(1, self.config.max_batch_rows // 2)
+            handles = [self.submit(replace(first, seed=i)) for i in range(full)]
+            for handle in handles:
+                handle.result(timeout)
         finally:
             self.observer = observer
         return time.perf_counter() - start
