@@ -5,8 +5,9 @@ adapter pool, runs it through ``torch.compile`` (inductor, dynamic shapes; every
 opaque ``deft::layer_adapters`` op, so the graph never depends on which adapters a forward uses). The
 suite records
 
-- **compile seconds**: the compiled engine's :meth:`~deft_runtime.engine.Engine.warm_up` (one small
-  request), what a server spends before it reports SERVING;
+- **compile seconds**: the compiled engine's :meth:`~deft_runtime.engine.Engine.warm_up` (small
+  requests), what a server spends before it reports SERVING, with inductor's on-disk caches off (a
+  cold compile; a restart with a warm cache is faster);
 - **saturated speed-up**: the efficiency suite's run (``--requests`` requests × ``--steps`` steps with
   CFG, each its own rank-``--rank`` DEFT adapter, all at once) eager ÷ compiled, medians of
   alternating runs;
@@ -48,7 +49,9 @@ def _max_pixel_diff(a: list[Any], b: list[Any]) -> float:
 def measure_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
     w = Workload(model, args.requests, args.steps, args.rank, args.max_batch_rows)
     eager = w.engine
-    torch._dynamo.reset()  # a cold compile, whatever ran before in this process
+    torch._dynamo.reset()  # a cold compile, whatever ran before in this process or on this disk:
+    torch._inductor.config.fx_graph_cache = False  # (a restarted server with a warm cache compiles faster)
+    torch._functorch.config.enable_autograd_cache = False
     compiled = Engine(
         eager.pipe,
         eager.model,

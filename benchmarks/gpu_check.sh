@@ -12,9 +12,9 @@
 # first real GPU run does not fail on a typo. Its caps are 8x longer: a shared CPU is slow.
 #
 # Needs a Python with a CUDA build of torch, triton, and this project installed (`pip install -e
-# ".[dev]"` without the CPU torch pin: TORCH_SPEC=torch make venv). Not here yet: the efficiency and
-# compiled suites (`python -m benchmarks efficiency|compiled` build their engines on the CPU so far; the
-# compiled path itself, `deft serve --compile`, is inductor with dynamic shapes, without CUDA graphs).
+# ".[dev]"` without the CPU torch pin: TORCH_SPEC=torch make venv). The compiled path on the GPU (bucketed
+# batch sizes with CUDA graphs) is checked by its GPU-marked test in tests/test_torch_compile.py; the
+# efficiency and compiled suites are not here yet (they build their engines on the CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0

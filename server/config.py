@@ -145,6 +145,12 @@ class ServerSettings(BaseSettings):
         allow_inf_nan=False,
         description="row-steps a tenant back from idle may run ahead of the others in batch planning",
     )
+    compile_buckets: bool = Field(
+        False,
+        description="with --compile: pad every forward to a power-of-two batch size (up to "
+        "--max-batch-rows) and compile each size once with static shapes; on a GPU this adds CUDA graphs "
+        "(inductor's reduce-overhead mode). SDXL-family models only",
+    )
     batch_order: Literal["longest-wait", "arrival", "fewest-remaining"] = Field(
         "longest-wait",
         description="who fills a forward after the longest-waiting request: longest-wait (every active "
@@ -241,6 +247,7 @@ class ServerSettings(BaseSettings):
             mixed_batch_rows=self.mixed_batch_rows,
             idle_credit_row_steps=self.idle_credit_row_steps,
             compile=self.compile,
+            compile_buckets=self.compile_buckets,
             batch_order=self.batch_order,
         )
 

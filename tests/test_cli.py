@@ -130,12 +130,13 @@ def test_fair_planning_flags_reach_the_engine_config(monkeypatch):
             "--batch-order",
             "arrival",
             "--compile",
+            "--compile-buckets",
         ],
     )
     assert result.exit_code == 0, result.output
     config = ServerSettings(**seen[0]).engine_config()
     assert (config.mixed_batch_rows, config.idle_credit_row_steps) == (2, 40.0)
-    assert (config.batch_order, config.compile) == ("arrival", True)
+    assert (config.batch_order, config.compile, config.compile_buckets) == ("arrival", True, True)
     defaults = ServerSettings().engine_config()
     assert (defaults.batch_order, defaults.compile) == ("longest-wait", False)
     refused = runner.invoke(app, ["serve", "--batch-order", "lifo"])

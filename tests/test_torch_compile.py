@@ -16,6 +16,7 @@ from test_image_conditioning import make_adapters
 
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
+from deft_runtime.engine.runner import bucket_for, default_buckets, resize_rows
 from deft_runtime.layers import MultiAdapterLinear
 from deft_runtime.models import build_tiny_sdxl
 from deft_runtime.testing import random_adapter
@@ -46,10 +47,11 @@ def run(engine: Engine, requests: list[GenerationRequest]) -> list[np.ndarray]:
     return [as_array(h.result(600).images) for h in handles]
 
 
-def request(prompt: str, seed: int, steps: int, adapters=(), **kw) -> GenerationRequest:
+def request(prompt: str, seed: int, steps: int, adapters=(), guidance_scale_override=5.0, **kw):
     return GenerationRequest(
-        prompt=prompt, seed=seed, num_inference_steps=steps, guidance_scale=5.0, adapters=adapters, **kw
-    )
+        prompt=prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale_override,
+        adapters=adapters, **kw,
+    )  # fmt: skip
 
 
 def test_the_compiled_denoiser_equals_diffusers_with_peft(engines, adapter_dirs):
@@ -146,3 +148,95 @@ def test_deft_serve_compile_compiles_before_serving_and_equals_diffusers(server_
     ref = reference_image(build_tiny_sdxl, adapter_dirs["dog"], prompt="a dog", seed=1, num_inference_steps=4)
     got = as_array([image.convert("RGB")])
     assert got.shape == ref.shape and float(np.abs(got - ref).max()) <= TOL
+
+
+# ---------------------------------------------------------------------------- bucketed batch sizes
+
+
+def test_bucket_sizes_and_row_padding():
+    assert default_buckets(16) == (1, 2, 4, 8, 16)
+    assert default_buckets(12) == (1, 2, 4, 8, 12) and default_buckets(1) == (1,)
+    assert [bucket_for(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="exceed the largest bucket"):
+        bucket_for(9, (1, 2, 4, 8))
+    inputs = {
+        "sample": torch.arange(6.0).view(3, 2),
+        "timestep": torch.tensor([1, 2, 3]),
+        "scalar": torch.tensor(5.0),
+        "added_cond_kwargs": {"time_ids": torch.ones(3, 6)},
+        "return_dict": False,
+    }
+    padded = resize_rows(inputs, 3, 4)
+    assert padded["sample"].tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]  # copies of the last row
+    assert padded["timestep"].tolist() == [1, 2, 3, 3] and padded["added_cond_kwargs"]["time_ids"].shape == (
+        4,
+        6,
+    )
+    assert padded["scalar"] is inputs["scalar"] and padded["return_dict"] is False
+    assert resize_rows(inputs, 3, 1)["sample"].tolist() == [[0, 1]]
+
+
+def test_bucketed_static_shapes_compile_each_size_once_and_equal_the_eager_engine(engines):
+    """``compile_buckets``: every forward is padded to 1, 2, 4 or 8 rows (padding rows use no adapter
+    and are dropped from the output); the warm-up compiles each size, then odd row counts, blends and
+    a request without CFG (one row) run without a new graph and equal the eager engine. The backend is
+    aot_eager: dynamo's guards and graphs as inductor's, without inductor's minutes of C++ per size."""
+    from torch._dynamo.utils import counters
+
+    eager, _ = engines
+    config = EngineConfig(max_batch_rows=8, compile=True, compile_buckets=True, compile_backend="aot_eager")
+    bucketed = Engine(eager.pipe, eager.model, config)
+    try:
+        assert bucketed.runner.buckets == (1, 2, 4, 8)
+        before = counters["stats"]["unique_graphs"]
+        bucketed.warm_up(timeout=600)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs - before >= 4  # one static graph per bucket, compiled by the warm-up
+        wave = [
+            request("k", 30, 3, (("dog", 1.0),)),  # 2 rows
+            request("l", 31, 4, (("style", 0.5), ("dog", 0.5))),  # with k: 4 rows, then 6 (padded to 8)
+            request("m", 32, 2, (("dog", 1.0),), num_images=1),
+            request("n", 33, 3, guidance_scale_override=1.0),  # no CFG: 1 row
+        ]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = run(bucketed, wave)
+        want = run(eager, wave)
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the warm-up
+    finally:
+        bucketed.shutdown()
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and float(np.abs(g - w).max()) <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_buckets_serve_mixes_without_recompiling_on_a_gpu(adapter_dirs):
+    """On a GPU, ``compile_buckets`` adds CUDA graphs (inductor's reduce-overhead mode): mixed adapters at
+    odd row counts replay the bucket graphs and equal the eager engine (benchmarks/gpu_check.sh)."""
+    from deft_runtime.formats import load_adapter
+    from deft_runtime.pool import PoolConfig
+    from deft_runtime.runtime import MultiAdapterModel
+
+    device = torch.device("cuda")
+    pipe = build_tiny_sdxl(0).to(device)
+    pool = PoolConfig(device_bytes=8 << 20, host_bytes=8 << 20, device=device)
+    mam = MultiAdapterModel(pipe.unet, pool_config=pool, backend="auto")
+    for name, path in adapter_dirs.items():
+        mam.register(name, load_adapter(path))
+    eager = Engine(pipe, mam, EngineConfig(max_batch_rows=8))
+    graphs = Engine(pipe, mam, EngineConfig(max_batch_rows=8, compile=True, compile_buckets=True))
+    try:
+        graphs.warm_up(timeout=600)
+        wave = [
+            request("o", 40, 3, (("dog", 1.0),)),
+            request("p", 41, 4, (("style", 1.0),)),
+            request("q", 42, 2, (("dog", 0.5), ("style", 0.5))),
+        ]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = run(graphs, wave)
+        want = run(eager, wave)
+    finally:
+        graphs.shutdown()
+        eager.shutdown()
+    for g, w in zip(got, want, strict=True):
+        assert float(np.abs(g - w).max()) <= TOL

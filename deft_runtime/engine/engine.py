@@ -30,7 +30,7 @@ from deft_runtime.engine.planner import BatchOrder
 from deft_runtime.engine.preview import LatentPreviewer
 from deft_runtime.engine.request_state import EventCallback, RequestHandle
 from deft_runtime.engine.rules import resolve_request
-from deft_runtime.engine.runner import StepRunner
+from deft_runtime.engine.runner import StepRunner, default_buckets
 from deft_runtime.engine.scheduler import RequestScheduler
 from deft_runtime.engine.types import EngineDraining, GenerationFailed, GenerationRequest, GenerationResult
 from deft_runtime.errors import AdapterNotFound
@@ -55,6 +55,8 @@ class EngineConfig:
     idle_credit_row_steps: float = 100.0  # how far ahead a tenant back from idle may run (row-steps)
     newcomer_slots: int = 1  # in-flight slots above max_active, for tenants with nothing in flight
     compile: bool = False  # torch.compile the denoiser with its adapter layers (see StepRunner)
+    compile_buckets: bool = False  # with compile: pad forwards to a few batch sizes, static shapes
+    compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager: same guards)
     batch_order: BatchOrder = "longest-wait"  # who fills a forward after its lead (planner.BatchOrder)
 
 
@@ -89,7 +91,11 @@ class Engine:
             mixed_rows=cfg.mixed_batch_rows, credit_row_steps=cfg.idle_credit_row_steps,
             newcomer_slots=cfg.newcomer_slots, batch_order=cfg.batch_order,
         )  # fmt: skip
-        self.runner = StepRunner(model, self.family, self.previewer, obs, compile=self.config.compile)
+        buckets = default_buckets(cfg.max_batch_rows) if cfg.compile and cfg.compile_buckets else ()
+        self.runner = StepRunner(
+            model, self.family, self.previewer, obs,
+            compile=cfg.compile, buckets=buckets, compile_backend=cfg.compile_backend,
+        )  # fmt: skip
         self._stop, self._stop_reason = False, ""
         self._thread = threading.Thread(target=self._run, name="deft-engine", daemon=True)
         self._thread.start()
@@ -125,12 +131,16 @@ class Engine:
         denoiser (:attr:`EngineConfig.compile`) compiles now and not in a user's request: one request
         alone (2 rows), then enough at once to fill ``max_batch_rows`` (dynamo specialises a batch size
         that equals another dimension of the graph, e.g. 16 rows beside 16 channels, so the full batch
-        gets its graph here too). The observer (metrics) does not see them. Returns their seconds."""
+        gets its graph here too; with :attr:`EngineConfig.compile_buckets`, every bucketed size is run
+        once instead). The observer (metrics) does not see them. Returns their seconds."""
         observer, self.observer = self.observer, NullObserver()
         start = time.perf_counter()
         try:
             first = GenerationRequest(prompt="warm-up", seed=0, num_inference_steps=3, guidance_scale=5.0)
             self.generate(first, timeout)
+            if self.runner.buckets:  # static shapes: every bucketed batch size compiles now
+                self.runner.compile_buckets()
+                return time.perf_counter() - start
             full = max(1, self.config.max_batch_rows // 2)
             handles = [self.submit(replace(first, seed=i)) for i in range(full)]
             for handle in handles:

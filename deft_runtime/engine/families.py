@@ -78,6 +78,9 @@ class ModelFamily(ABC):
     """One diffusers pipeline family served by the engine."""
 
     name: str
+    #: every tensor of :meth:`denoiser_inputs` whose first dimension is the row count is per row, so a
+    #: forward can be padded with copies of its last row (bucketed compiled batches)
+    rows_paddable: bool = False
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.pipe = pipe
@@ -180,6 +183,8 @@ class ModelFamily(ABC):
 class SDXLFamily(ModelFamily):
     """SDXL text-to-image, img2img and inpainting (standard UNet): all three share forwards, since
     their rows differ only in latents and timestep (see :mod:`.conditioning`)."""
+
+    rows_paddable = True
 
     name = "sdxl"
 

@@ -37,12 +37,28 @@ class StepRunner:
         observer: EngineObserver,
         *,
         compile: bool = False,
+        buckets: Sequence[int] = (),
+        compile_backend: str = "inductor",
     ) -> None:
         self.model = model
         self.family = family
         self.previewer = previewer
         self.observer = observer
-        self.denoiser = compiled_denoiser(model.denoiser) if compile else model.denoiser
+        #: batch sizes a forward is padded up to (empty: run every forward at its own size)
+        self.buckets = tuple(sorted(buckets))
+        if self.buckets and not family.rows_paddable:
+            raise ValueError(f"{family.name} forwards cannot be padded to bucketed batch sizes")
+        self.denoiser = (
+            compiled_denoiser(
+                model.denoiser,
+                static=bool(self.buckets),
+                backend=compile_backend,
+                cuda_graphs=bool(self.buckets) and model.pool.config.device.type == "cuda",
+            )
+            if compile
+            else model.denoiser
+        )
+        self._sample_inputs: dict[str, Any] | None = None
 
     def execute(self, plan: StepPlan) -> StepOutput:
         out = StepOutput(plan.iteration)
@@ -97,14 +113,39 @@ class StepRunner:
         rows = [list(r.request.adapters) for r in batch for _ in range(self.family.rows(r.st))]
         inputs = self.family.denoiser_inputs([r.st for r in batch])
         start = time.perf_counter()
+        n = len(rows)
+        if self.buckets:
+            if self._sample_inputs is None:
+                self._sample_inputs = inputs
+            size = bucket_for(n, self.buckets)
+            inputs = resize_rows(inputs, n, size)
+            rows += [[] for _ in range(size - n)]  # padding rows: no adapter
         self.model.set_rows(rows)
         try:
-            output: torch.Tensor = self.denoiser(**inputs)[0]
+            output: torch.Tensor = self.denoiser(**inputs)[0][:n]
         finally:
             self.model.batch.clear()
         distinct = len({name for r in batch for name in r.adapter_names})
-        self.observer.on_forward(len(rows), distinct, time.perf_counter() - start)
+        self.observer.on_forward(n, distinct, time.perf_counter() - start)
         return output
+
+    def compile_buckets(self) -> list[int]:
+        """Run the denoiser once at every bucketed batch size (from a forward already seen, padded or
+        cut to size; no adapters), so each size's graph is compiled before serving. Returns the sizes."""
+        sample = self._sample_inputs
+        if not self.buckets:
+            return []
+        if sample is None:
+            raise RuntimeError("compile_buckets needs one forward first (Engine.warm_up runs one)")
+        n = int(sample["sample"].shape[0])
+        with torch.no_grad():
+            for size in self.buckets:
+                self.model.set_rows([[] for _ in range(size)])
+                try:
+                    self.denoiser(**resize_rows(sample, n, size))
+                finally:
+                    self.model.batch.clear()
+        return list(self.buckets)
 
     def _decode(self, finished: list[TrackedRequest]) -> list[tuple[TrackedRequest, list[object]]]:
         by_shape: dict[tuple[int, ...], list[TrackedRequest]] = {}
@@ -129,13 +170,47 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
     return [bool(f) for f in flags.tolist()]
 
 
-def compiled_denoiser(denoiser: torch.nn.Module) -> Callable[..., Any]:
-    """``torch.compile`` of the denoiser with its adapter layers (inductor, dynamic shapes).
+def compiled_denoiser(
+    denoiser: torch.nn.Module, *, static: bool = False, backend: str = "inductor", cuda_graphs: bool = False
+) -> Callable[..., Any]:
+    """``torch.compile`` of the denoiser with its adapter layers.
 
     Each :class:`~deft_runtime.layers.MultiAdapterLinear` enters the graph as one opaque custom op
     (``deft::layer_adapters``) that reads the batch mapping and page tables when it runs, so swapping
-    adapters, their weights or their mix between forwards never recompiles. Batch size, token count and
-    latent size are symbolic (``dynamic=True``): a new batch size reuses the same code; only a new
-    model-level shape class (e.g. batch 1) compiles once more.
+    adapters, their weights or their mix between forwards never recompiles. By default batch size,
+    token count and latent size are symbolic (``dynamic=True``): a new batch size reuses the same code
+    (dynamo may still specialise a size that equals another dimension of the graph; the warm-up covers
+    a full batch). With ``static`` (bucketed batch sizes: the runner pads every forward to one of a few
+    sizes) each size compiles once, with static shapes, and ``cuda_graphs`` adds inductor's
+    ``reduce-overhead`` mode (CUDA graphs) on a GPU.
     """
-    return torch.compile(denoiser, dynamic=True)
+    if not static:
+        return torch.compile(denoiser, dynamic=True, backend=backend)
+    mode = "reduce-overhead" if cuda_graphs and backend == "inductor" else None
+    return torch.compile(denoiser, dynamic=False, backend=backend, mode=mode)
+
+
+def default_buckets(max_rows: int) -> tuple[int, ...]:
+    """Powers of two below ``max_rows``, then ``max_rows`` itself: ``16 → (1, 2, 4, 8, 16)``."""
+    sizes = [1 << k for k in range(max_rows.bit_length()) if 1 << k < max_rows]
+    return (*sizes, max_rows)
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``rows`` (buckets sorted ascending)."""
+    for size in buckets:
+        if size >= rows:
+            return size
+    raise ValueError(f"{rows} rows exceed the largest bucket {buckets[-1]}")
+
+
+def resize_rows(value: Any, n: int, size: int) -> Any:
+    """``value`` (denoiser keyword arguments) with every tensor whose first dimension is ``n`` cut to
+    ``size`` rows or padded with copies of its last row (real values: padding never makes NaNs)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n and size != n:
+        if size < n:
+            return value[:size]
+        return torch.cat([value, value[-1:].expand(size - n, *value.shape[1:])])
+    if isinstance(value, dict):
+        return {k: resize_rows(v, n, size) for k, v in value.items()}
+    return value
