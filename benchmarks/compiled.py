@@ -1,9 +1,11 @@
 """Compiled-path suite: what ``deft serve --compile`` costs at start-up and gains while serving.
 
-For each model, one engine runs the denoiser eagerly and a second one, over the same pipeline and
-adapter pool, runs it through ``torch.compile`` (inductor, dynamic shapes; every adapter layer is one
-opaque ``deft::layer_adapters`` op, so the graph never depends on which adapters a forward uses). The
-suite records
+For each model and mode, one engine runs the denoiser eagerly and a second one, over the same pipeline
+and adapter pool, runs it through ``torch.compile`` (inductor; every adapter layer is one opaque
+``deft::layer_adapters`` op, so the graph never depends on which adapters a forward uses). Modes
+(``--modes``; ``--quick`` runs ``dynamic`` only): ``dynamic`` (dynamic shapes, ``deft serve --compile``)
+and ``buckets`` (every forward padded to a power-of-two batch size, static shapes per size,
+``--compile --compile-buckets``). The suite records
 
 - **compile seconds**: the compiled engine's :meth:`~deft_runtime.engine.Engine.warm_up` (small
   requests), what a server spends before it reports SERVING, with inductor's on-disk caches off (a
@@ -46,19 +48,29 @@ def _max_pixel_diff(a: list[Any], b: list[Any]) -> float:
     return float(max(diffs))
 
 
-def measure_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
+#: the compiled engines measured against the eager one (``--modes``)
+MODES: dict[str, dict[str, Any]] = {
+    "dynamic": dict(compile=True),  # deft serve --compile
+    "buckets": dict(compile=True, compile_buckets=True),  # deft serve --compile --compile-buckets
+}
+
+
+def measure_model(args: argparse.Namespace, model: str, mode: str) -> dict[str, Any]:
     w = Workload(model, args.requests, args.steps, args.rank, args.max_batch_rows)
     eager = w.engine
-    torch._dynamo.reset()  # a cold compile, whatever ran before in this process or on this disk:
-    torch._inductor.config.fx_graph_cache = False  # (a restarted server with a warm cache compiles faster)
-    torch._functorch.config.enable_autograd_cache = False
+    torch._dynamo.reset()  # a cold compile, whatever ran before in this process (or on disk: below)
     compiled = Engine(
         eager.pipe,
         eager.model,
-        EngineConfig(max_batch_rows=args.max_batch_rows, max_active=args.requests, compile=True),
+        EngineConfig(max_batch_rows=args.max_batch_rows, max_active=args.requests, **MODES[mode]),
     )
     try:
-        compile_s = compiled.warm_up(timeout=3600)
+        # inductor's on-disk caches off while compiling (a restarted server with a warm cache is faster)
+        with (
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=False),
+        ):
+            compile_s = compiled.warm_up(timeout=3600)
         graphs = _graphs()
         alone = GenerationRequest(
             prompt="a photo of concept 0", seed=0, num_inference_steps=args.steps, guidance_scale=5.0,
@@ -83,6 +95,7 @@ def measure_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
         eager.shutdown()
     return {
         "model": model,
+        "mode": mode,
         "compile_s": compile_s,
         "seconds": medians,
         "saturated_speedup": medians["eager saturated"] / medians["compiled saturated"],
@@ -94,13 +107,14 @@ def measure_model(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_workload_args("compiled", __doc__, argv)
+    return parse_workload_args("compiled", __doc__, argv, modes=tuple(MODES))
 
 
 def report(name: str, payload: dict[str, Any]) -> str:
     rows = [
         {
             "model": r["model"],
+            "mode": r["mode"],
             "compile s": f"{r['compile_s']:.1f}",
             "saturated eager / compiled": f"{r['saturated_speedup']:.3f}",
             "alone eager / compiled": f"{r['alone_speedup']:.3f}",
@@ -110,7 +124,8 @@ def report(name: str, payload: dict[str, Any]) -> str:
         for r in payload["rows"]
     ]
     seconds = [
-        {"model": r["model"], **{k: f"{v:.3f}" for k, v in r["seconds"].items()}} for r in payload["rows"]
+        {"model": r["model"], "mode": r["mode"], **{k: f"{v:.3f}" for k, v in r["seconds"].items()}}
+        for r in payload["rows"]
     ]
     p = payload["params"]
     return "\n".join(
@@ -119,7 +134,8 @@ def report(name: str, payload: dict[str, Any]) -> str:
             "",
             f"{p['requests']} requests x {p['steps']} steps with CFG, rank-{p['rank']} DEFT adapter each, "
             f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}; "
-            "inductor, dynamic shapes (`deft serve --compile`)",
+            "inductor; mode dynamic: dynamic shapes (`deft serve --compile`), buckets: static shapes per "
+            "power-of-two batch size (`--compile --compile-buckets`)",
             "",
             markdown_table(rows, list(rows[0])),
             "",
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_suite(
         "compiled",
         name,
-        lambda workdir: {"rows": [measure_model(args, m) for m in args.models]},
+        lambda workdir: {"rows": [measure_model(args, m, mode) for m in args.models for mode in args.modes]},
         machine=lambda: {"threads": args.threads, "torch": torch.__version__},
         params={
             **string_params(args, leave_out=("results_dir",)),

@@ -296,10 +296,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_workload_args("efficiency", __doc__, argv)
 
 
-def parse_workload_args(suite: str, doc: str | None, argv: list[str] | None) -> argparse.Namespace:
-    """The saturated workload's options (shared with the ``compiled`` suite)."""
+def parse_workload_args(
+    suite: str, doc: str | None, argv: list[str] | None, *, modes: tuple[str, ...] = ()
+) -> argparse.Namespace:
+    """The saturated workload's options (shared with the ``compiled`` suite, which adds ``--modes``:
+    ``--quick`` keeps the first)."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {suite}", description=doc)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    if modes:
+        parser.add_argument("--modes", nargs="+", choices=modes, default=list(modes))
     parser.add_argument("--requests", type=int, default=8, help="requests per run, each its own adapter")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rank", type=int, default=8)
@@ -312,6 +317,8 @@ def parse_workload_args(suite: str, doc: str | None, argv: list[str] | None) -> 
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.requests, args.steps, args.repeats, args.max_batch_rows = ["tiny-sdxl"], 4, 3, 1, 8
+        if modes:
+            args.modes = [modes[0]]
     if args.max_batch_rows > 2 * args.requests:
         parser.error("--max-batch-rows must be at most 2 x --requests (CFG rows) to saturate the engine")
     return args
