@@ -240,3 +240,14 @@ def test_cuda_graph_buckets_serve_mixes_without_recompiling_on_a_gpu(adapter_dir
         eager.shutdown()
     for g, w in zip(got, want, strict=True):
         assert float(np.abs(g - w).max()) <= TOL
+
+
+def test_bucketed_batches_are_refused_for_omnigen_with_what_to_use():
+    from deft_runtime.models import build_tiny_omnigen
+
+    eager = serving_engine(build_tiny_omnigen(0), {})
+    try:
+        with pytest.raises(ValueError, match="serves SDXL-family models; use --compile alone"):
+            Engine(eager.pipe, eager.model, EngineConfig(compile=True, compile_buckets=True))
+    finally:
+        eager.shutdown()

@@ -47,7 +47,10 @@ class StepRunner:
         #: batch sizes a forward is padded up to (empty: run every forward at its own size)
         self.buckets = tuple(sorted(buckets))
         if self.buckets and not family.rows_paddable:
-            raise ValueError(f"{family.name} forwards cannot be padded to bucketed batch sizes")
+            raise ValueError(
+                f"{family.name} forwards cannot be padded to bucketed batch sizes: compile_buckets / "
+                "--compile-buckets serves SDXL-family models; use --compile alone"
+            )
         self.denoiser = (
             compiled_denoiser(
                 model.denoiser,
