@@ -159,7 +159,7 @@ class ServerSettings(BaseSettings):
     compile: bool = Field(
         False,
         description="torch.compile the denoiser with its adapter layers (inductor); compiles at start-up, "
-        "before the server reports SERVING (about 2 minutes for tiny-sdxl on 2 CPU cores), and never "
+        "before the server reports SERVING (40-75 s for tiny-sdxl or shapes-sdxl on 2 CPU cores, cold), and never "
         "again when adapters or their mix change",
     )
     grace_period: float = Field(30.0, ge=0, description="seconds in-flight requests get after SIGTERM")
