@@ -20,6 +20,13 @@ the source still names that version. So a name deleted, or re-registered with ot
 another replica sharing the registry), is reloaded or refused at its next use, and nobody has to evict
 copies from outside to keep the pool correct.
 
+**One-read cold loads.** A source may also offer ``direct_load(name) -> DirectLoad | None``: the
+adapter's ranks and a function that reads its factors straight into given tensors (the server's
+registry reads its compiled file with ``preadv``). On a float32 CPU pool, a cold acquire then reserves
+the slot and contiguous pages, reads the file into the page rows with no lock held, and publishes the
+page tables: one read, no host copy and no second copy. Anything else (scattered pages, a short read,
+a source without it, CUDA) takes the copying path above.
+
 **Locking.** ``_lock`` guards this pool's bookkeeping only and is a leaf: it is never held while calling
 the source (registry look-ups, disk reads, compilation) or any other component, so a slow or blocked
 source never stalls the engine thread, which takes the lock for :meth:`ready` and :meth:`release`.
@@ -30,10 +37,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -57,6 +65,24 @@ class AdapterSource(Protocol):
 
     def load(self, name: str) -> tuple[str, CompiledAdapter]:
         """``name``'s compiled factors and the version they are; raises AdapterNotFound when gone."""
+
+
+@dataclass(frozen=True)
+class DirectLoad:
+    """A source's offer to read ``version`` of an adapter straight into the pool's pages.
+
+    ``ranks``/``shapes`` (``(d_out, d_in)``) per layer come from the file's header; ``read_into`` fills
+    ``{layer: (A [r, d_in], Bᵀ [r, d_out])}`` (float32 numpy views of the CPU pool's pages) and returns
+    False when it could not (the pool then loads the copying way); ``on_loaded(seconds)`` reports a
+    completed read.
+    """
+
+    version: str
+    ranks: Mapping[str, int]
+    shapes: Mapping[str, tuple[int, int]]
+    nbytes: int
+    read_into: Callable[[dict[str, tuple[Any, Any]]], bool]
+    on_loaded: Callable[[float], None] = lambda seconds: None
 
 
 class StaticSource:
@@ -156,6 +182,22 @@ class AdapterPool:
         self._lock = threading.Lock()  # a leaf: see the module docstring
         self._stream = torch.cuda.Stream(device=config.device) if config.device.type == "cuda" else None
         self.stats = PoolStats()
+        #: one-read cold loads: the source offers them and the pages are float32 host memory
+        self._direct = (
+            callable(getattr(self.source, "direct_load", None))
+            and config.device.type == "cpu"
+            and config.dtype == torch.float32
+        )
+        # numpy views of the CPU pool's pages and tables, for the one-read path: no op dispatch per layer
+        self._host_pages = (
+            {n: (lp.A.numpy(), lp.B.numpy()) for n, lp in self.layers.items()} if self._direct else {}
+        )
+        self._page_numbers_np: Any = self._page_numbers.numpy() if self._direct else None
+        self._host_tables = (
+            {n: (lp.page_table.numpy(), lp.ranks.numpy()) for n, lp in self.layers.items()}
+            if self._direct
+            else {}
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -243,6 +285,8 @@ class AdapterPool:
                 return
             host = self._host_hit(name, version)
         if host is None:
+            if self._direct and self._pin_direct(name):
+                return
             loaded_version, compiled = self.source.load(name)
             host = self._to_host(name, compiled, loaded_version)
         with self._lock:
@@ -252,6 +296,75 @@ class AdapterPool:
             need = {layer: int(a.shape[0]) for layer, a in host.A.items()}
             self._make_room(name, need)
             self._copy_to_device(name, host, need).pins += 1
+
+    def _pin_direct(self, name: str) -> bool:
+        """The one-read cold load (module docstring); False when the copying path must run instead."""
+        offer: DirectLoad | None = self.source.direct_load(name)  # type: ignore[attr-defined]
+        if offer is None or not self._fits_layers(offer):
+            return False
+        need = dict(offer.ranks)
+        with self._lock:
+            if self._pin_resident(name, offer.version, count=False):
+                return True
+            self._make_room(name, need)
+            slot, pages = self._reserve(need)
+        runs = {layer: _as_slice(ids) for layer, ids in pages.items()}
+        done = False
+        try:
+            if all(run is not None for run in runs.values()):
+                start = time.perf_counter()
+                pages_np = self._host_pages
+                dests = {
+                    layer: (pages_np[layer][0][run], pages_np[layer][1][run]) for layer, run in runs.items()
+                }
+                done = offer.read_into(dests)
+                if done:
+                    offer.on_loaded(time.perf_counter() - start)
+        finally:
+            with self._lock:
+                if not done or self._pin_resident(name, offer.version, count=False):  # lost a race: theirs
+                    self._unreserve(slot, pages)
+                else:
+                    self._publish(name, offer, slot, pages, runs)  # type: ignore[arg-type]
+        return done
+
+    def _fits_layers(self, offer: DirectLoad) -> bool:
+        """Whether every layer of the offer is wrapped here with the same shape and a rank within bounds
+        (else the copying path raises the precise error)."""
+        return all(
+            self.layer_shapes.get(layer) == tuple(offer.shapes[layer]) and 0 < r <= self.config.max_rank
+            for layer, r in offer.ranks.items()
+        )
+
+    def _reserve(self, need: Mapping[str, int]) -> tuple[int, dict[str, list[int]]]:
+        """Take a free slot and ``need[layer]`` free pages per layer (caller holds the lock)."""
+        slot = self._free_slots.pop()
+        pages = {}
+        for layer, r in need.items():
+            free = self._free_pages[layer]  # popped from the end: ascending page numbers
+            pages[layer] = free[len(free) - r :][::-1]
+            del free[len(free) - r :]
+        return slot, pages
+
+    def _unreserve(self, slot: int, pages: Mapping[str, list[int]]) -> None:
+        for layer, ids in pages.items():
+            self._free_pages[layer].extend(reversed(ids))
+        self._free_slots.append(slot)
+
+    def _publish(
+        self, name: str, offer: DirectLoad, slot: int, pages: dict[str, list[int]], runs: Mapping[str, slice]
+    ) -> None:
+        """Make reserved, filled pages the resident copy of ``name``, pinned once (caller holds the lock)."""
+        for layer, run in runs.items():
+            lp = self.layers[layer]
+            table, ranks = self._host_tables[layer]  # numpy views of the CPU tables: no op dispatch
+            r = run.stop - run.start
+            table[slot, :r] = self._page_numbers_np[run]
+            lp.page_index[slot] = run
+            ranks[slot] = r
+        self._resident[name] = _Resident(slot=slot, pages=pages, nbytes=offer.nbytes, version=offer.version)
+        self._resident[name].pins += 1
+        self.stats.loads["device"] += 1
 
     def _pin_resident(self, name: str, version: str, *, count: bool = True) -> bool:
         """Pin the resident copy of ``name`` if it is that version (or pinned: in-flight requests keep the
@@ -345,7 +458,10 @@ class AdapterPool:
         for layer, pages in res.pages.items():
             lp = self.layers[layer]
             lp.page_index[res.slot] = None
-            lp.ranks[res.slot] = 0
+            if self._host_tables:
+                self._host_tables[layer][1][res.slot] = 0
+            else:
+                lp.ranks[res.slot] = 0
             self._free_pages[layer].extend(reversed(pages))  # popped again in ascending order
         self._free_slots.append(res.slot)
         self.stats.evictions["device"] += 1

@@ -14,8 +14,12 @@ recompiles from the uploaded adapter).
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from deft_runtime.compile import CompiledAdapter, LowRankFactors
@@ -103,3 +107,112 @@ def _factors(views: dict[str, torch.Tensor]) -> dict[str, LowRankFactors] | None
     if 2 * len(factors) != len(views):
         return None
     return factors
+
+
+@dataclass(frozen=True)
+class _Span:
+    layer: str
+    role: str  # "A" or "Bt"
+    start: int  # byte offset in the file
+    rows: int
+    cols: int
+
+
+class CompiledReadPlan:
+    """Where each layer's ``A`` and ``Bᵀ`` lie in a compiled file (from its header alone), to read them
+    straight into the pool's pages: one ``preadv`` per 1024 tensors, no buffer, no second copy.
+
+    Made by :func:`plan_compiled_read`; :meth:`read_into` returns False (and the caller takes the
+    copying path) when the file changed size since, a destination does not fit, or the read came short.
+    """
+
+    def __init__(self, path: Path, size: int, data_start: int, spans: list[_Span]) -> None:
+        self.path, self.size, self.data_start, self.spans = path, size, data_start, spans
+        self.ranks = {s.layer: s.rows for s in spans if s.role == "A"}
+        cols = {(s.layer, s.role): s.cols for s in spans}
+        self.shapes = {
+            layer: (cols[(layer, "Bt")], cols[(layer, "A")]) for layer in self.ranks
+        }  # (d_out, d_in)
+        self.nbytes = sum(4 * s.rows * s.cols for s in spans)
+
+    def read_into(self, dests: dict[str, tuple[Any, Any]]) -> bool:
+        """Read every layer's ``A`` into ``dests[layer][0]`` and ``Bᵀ`` into ``dests[layer][1]``: numpy
+        float32 arrays of exactly those shapes, C-contiguous (writable buffers that ``preadv`` fills)."""
+        views: list[Any] = []
+        for s in self.spans:
+            dest = dests[s.layer][0 if s.role == "A" else 1]
+            if dest.dtype != np.float32 or dest.shape != (s.rows, s.cols) or not dest.flags.c_contiguous:
+                return False
+            views.append(dest)
+        try:
+            with self.path.open("rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size != self.size:
+                    return False
+                offset = self.data_start
+                for i in range(0, len(views), _IOV_MAX):
+                    chunk = views[i : i + _IOV_MAX]
+                    want = sum(v.nbytes for v in chunk)
+                    if os.preadv(f.fileno(), chunk, offset) != want:
+                        return False
+                    offset += want
+        except OSError:
+            return False
+        return True
+
+
+#: buffers per ``preadv`` call (Linux's IOV_MAX)
+_IOV_MAX = 1024
+
+
+def plan_compiled_read(path: Path) -> tuple[CompiledReadPlan, dict[str, str]] | None:
+    """The read plan of a compiled file and its metadata, from the header alone; None when the file is
+    missing, or not laid out as :func:`compiled_tensors` writes it with its tensors back to back (then
+    :func:`read_compiled` decides)."""
+    if not hasattr(os, "preadv"):
+        return None
+    try:
+        with path.open("rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) != 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                return None
+            raw = f.read(n)
+    except OSError:
+        return None
+    buffer = torch.frombuffer(bytearray(head + raw), dtype=torch.uint8)
+    parsed = _header(buffer)
+    if parsed is None:
+        return None
+    header, metadata, data_start = parsed
+    spans = []
+    for key, info in header.items():
+        layer, dot, role = key.rpartition(".")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not dot or role not in ("A", "Bt") or info.get("dtype") != "F32":
+            return None
+        if not (
+            isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 0 for d in shape)
+        ):
+            return None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
+            return None
+        if offsets[1] - offsets[0] != 4 * shape[0] * shape[1]:
+            return None
+        spans.append(_Span(layer, role, offsets[0], shape[0], shape[1]))
+    spans.sort(key=lambda s: s.start)
+    position = 0
+    for s in spans:  # back to back from the start of the data, ending at the end of the file
+        if s.start != position:
+            return None
+        position += 4 * s.rows * s.cols
+    if data_start + position != size:
+        return None
+    roles: dict[str, dict[str, _Span]] = {}
+    for s in spans:
+        roles.setdefault(s.layer, {})[s.role] = s
+    if any(set(r) != {"A", "Bt"} or r["A"].rows != r["Bt"].rows for r in roles.values()):
+        return None
+    return CompiledReadPlan(path, size, data_start, spans), metadata

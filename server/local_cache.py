@@ -25,7 +25,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from deft_server.compiled_file import COMPILED_FORMAT, compiled_tensors, read_compiled
+from deft_server.compiled_file import (
+    COMPILED_FORMAT,
+    CompiledReadPlan,
+    compiled_tensors,
+    plan_compiled_read,
+    read_compiled,
+)
 
 from deft_runtime.adapter import AdapterKind, BaseFingerprint
 from deft_runtime.compile import CompiledAdapter
@@ -37,6 +43,10 @@ log = logging.getLogger(__name__)
 #: needs a little space for SQLite's journal, works on a full disk and frees the space
 RESERVE_BYTES = 1 << 20
 RESERVE_NAME = ".space-reserve"
+
+
+#: compiled-file read plans kept in memory (a few hundred bytes per layer each)
+_PLANS_KEPT = 1024
 
 
 class LocalCache:
@@ -63,6 +73,9 @@ class LocalCache:
         # same bytes at once; the marker stays while any of them does)
         self._held: dict[str, Counter[int]] = {}
         self._held_lock = threading.Lock()
+        # read plans of compiled files (their headers parsed), by path, valid while the file's stamp holds
+        self._plans: dict[Path, tuple[tuple[int, int, int], CompiledReadPlan]] = {}
+        self._plans_lock = threading.Lock()
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -193,6 +206,32 @@ class LocalCache:
         write_safetensors_atomic(
             self.compiled_path(sha256, base_digest), compiled_tensors(compiled), metadata
         )
+
+    def plan_compiled(self, sha256: str, base_digest: str) -> CompiledReadPlan | None:
+        """Where the cached factors lie in their file, to read them straight into the pool's pages
+        (:class:`~deft_server.compiled_file.CompiledReadPlan`); None when not cached for this base or
+        not laid out for it (then :meth:`load_compiled` decides)."""
+        path = self.compiled_path(sha256, base_digest)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)  # files are replaced atomically, never edited
+        with self._plans_lock:
+            hit = self._plans.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        planned = plan_compiled_read(path)
+        if planned is None:
+            return None
+        plan, metadata = planned
+        if metadata.get("format") != COMPILED_FORMAT or metadata.get("base_digest") != base_digest:
+            return None
+        with self._plans_lock:
+            self._plans[path] = (stamp, plan)
+            while len(self._plans) > _PLANS_KEPT:
+                self._plans.pop(next(iter(self._plans)))
+        return plan
 
     def load_compiled(self, sha256: str, base_digest: str) -> CompiledAdapter | None:
         """The cached factors (views of one buffer read at once: :mod:`deft_server.compiled_file`), or

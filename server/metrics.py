@@ -19,7 +19,7 @@ deft_requests_running              gauge      requests denoising now
 deft_requests_waiting              gauge      requests queued or loading adapters
 deft_adapters_registered           gauge      adapters in the registry
 deft_adapters_resident{tier}       gauge      adapters held in host memory / device pages
-deft_adapter_loads_total{tier}     counter    adapter loads into each tier
+deft_adapter_loads_total{tier}     counter    adapter loads into each tier (a CPU pool reads files straight into device pages)
 deft_adapter_load_seconds          histogram  reading one adapter's compiled factors from disk
 deft_adapter_evictions_total{tier} counter    adapters evicted from each tier
 deft_adapter_cache_hits_total      counter    acquisitions that found the adapter on the device

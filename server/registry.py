@@ -40,6 +40,7 @@ from deft_runtime.errors import AdapterIncompatible, InvalidAdapter
 from deft_runtime.formats import ReadLimits, load_adapter
 from deft_runtime.formats.native import is_native
 from deft_runtime.formats.safetensors_io import read_header
+from deft_runtime.pool import DirectLoad
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,21 @@ class AdapterRegistry:
             self.cache.save_compiled(record.sha256, self.base_digest, compiled)
         self.on_load(time.perf_counter() - start)
         return record.sha256, compiled
+
+    def direct_load(self, name: str) -> DirectLoad | None:
+        """``name``'s compiled file as a plan to read straight into the pool's pages (the CPU pool's
+        one-read cold load), or None when :meth:`load` must run (not compiled yet, file damaged,
+        known incompatible). Raises AdapterNotFound like :meth:`load`."""
+        owner, bare = split_pool_name(name)
+        record = self.store.get(bare, owner)
+        with self._lock:
+            incompatible = self._incompatible.get(record.pool_name)
+        if incompatible is not None and incompatible[0] == record.sha256:
+            return None
+        plan = self.cache.plan_compiled(record.sha256, self.base_digest)
+        if plan is None:
+            return None
+        return DirectLoad(record.sha256, plan.ranks, plan.shapes, plan.nbytes, plan.read_into, self.on_load)
 
     def load_compiled(self, name: str) -> CompiledAdapter:
         return self.load(name)[1]

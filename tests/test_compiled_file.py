@@ -86,7 +86,13 @@ def _rewrite_header(path: Path, edit) -> None:
     ],
 )
 def test_a_damaged_file_is_not_trusted(tmp_path, damage):
-    path = write(tmp_path / "a.safetensors", compiled())
+    path = damaged(write(tmp_path / "a.safetensors", compiled()), damage)
+    assert read_compiled(path) is None
+    assert read_compiled(tmp_path / "missing.safetensors") is None
+
+
+def damaged(path: Path, damage: str) -> Path:
+    """``path`` with one kind of damage done to it."""
     first = "down.attn.to_q"
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:-5])
@@ -98,11 +104,64 @@ def test_a_damaged_file_is_not_trusted(tmp_path, damage):
         _rewrite_header(path, lambda h: h[f"{first}.A"].update(dtype="F16"))
     elif damage == "shape does not match bytes":
         _rewrite_header(path, lambda h: h[f"{first}.A"].update(shape=[5, 16]))
+    elif damage == "gap":  # a tensor moved 4 bytes on: not back to back any more
+        _rewrite_header(
+            path,
+            lambda h: h[f"{first}.A"].update(data_offsets=[o + 4 for o in h[f"{first}.A"]["data_offsets"]]),
+        )
     elif damage == "Bt missing":
         _rewrite_header(path, lambda h: h.pop(f"{first}.Bt"))
     else:
         raw = bytearray(path.read_bytes())
         raw[8:12] = b"\xff\xfe{["
         path.write_bytes(bytes(raw))
-    assert read_compiled(path) is None
-    assert read_compiled(tmp_path / "missing.safetensors") is None
+    return path
+
+
+# ---------------------------------------------------------------------------- one-read plans
+
+
+def test_a_read_plan_fills_given_arrays_exactly_as_read_compiled_reads(tmp_path):
+    import numpy as np
+    from deft_server.compiled_file import plan_compiled_read
+
+    c = compiled(rank=3)
+    path = write(tmp_path / "a.safetensors", c)
+    plan, metadata = plan_compiled_read(path)
+    assert metadata["format"] == COMPILED_FORMAT
+    assert plan.ranks == dict.fromkeys(SHAPES, 3) and plan.shapes == SHAPES
+    assert plan.nbytes == sum(4 * 3 * (o + i) for o, i in SHAPES.values())
+    dests = {
+        layer: (np.full((3, d_in), np.nan, np.float32), np.full((3, d_out), np.nan, np.float32))
+        for layer, (d_out, d_in) in SHAPES.items()
+    }
+    assert plan.read_into(dests)
+    factors, _ = read_compiled(path)
+    for layer, (A, Bt) in dests.items():
+        assert np.array_equal(A, factors[layer].A.numpy()) and np.array_equal(Bt, factors[layer].B.T.numpy())
+    wrong = {**dests, "down.attn.to_q": (np.zeros((2, 16), np.float32), dests["down.attn.to_q"][1])}
+    assert not plan.read_into(wrong)  # a destination of another shape: refused, nothing assumed
+    path.write_bytes(path.read_bytes()[:-4])
+    assert not plan.read_into(dests)  # the file changed size since the plan
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "empty", "offset past the end", "dtype", "gap", "Bt missing", "not json"]
+)
+def test_no_read_plan_for_a_file_not_laid_out_back_to_back(tmp_path, damage):
+    from deft_server.compiled_file import plan_compiled_read
+
+    assert plan_compiled_read(damaged(write(tmp_path / "a.safetensors", compiled()), damage)) is None
+
+
+def test_the_cache_keeps_plans_while_the_file_stays_the_same(tmp_path):
+    cache = LocalCache(tmp_path / "cache")
+    c = compiled()
+    cache.save_compiled("ab" * 32, "digest", c)
+    first = cache.plan_compiled("ab" * 32, "digest")
+    assert first is not None and cache.plan_compiled("ab" * 32, "digest") is first
+    assert cache.plan_compiled("ab" * 32, "other base") is None
+    cache.save_compiled("ab" * 32, "digest", c)  # replaced atomically: a new file, a new plan
+    assert cache.plan_compiled("ab" * 32, "digest") is not first
+    cache.compiled_path("ab" * 32, "digest").unlink()
+    assert cache.plan_compiled("ab" * 32, "digest") is None

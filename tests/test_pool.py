@@ -266,3 +266,117 @@ def test_fragmented_pages_use_gathers_and_contiguous_pages_use_views():
     rows = [[("c", 1.0)], [("b", 0.5)], [("c", 0.3), ("b", 0.7)]]
     out, x, ctx = run(mam, rows)
     torch.testing.assert_close(out, dense_reference(mam, compiled, rows, x, ctx), atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- one-read cold loads
+
+
+class FileSource:
+    """Compiled adapters in a LocalCache, offered as the server's registry offers them: ``direct_load``
+    (the one-read path) and ``load`` (the copying path); counts what the pool used."""
+
+    def __init__(self, root, compiled: dict, *, fail_read: str | None = None) -> None:
+        from deft_server.local_cache import LocalCache
+
+        self.cache, self.fail_read = LocalCache(root), fail_read
+        self.calls = {"direct": 0, "load": 0}
+        for name, c in compiled.items():
+            self.cache.save_compiled(self.sha(name), "base", c)
+
+    @staticmethod
+    def sha(name: str) -> str:
+        return name.encode().hex().ljust(64, "0")
+
+    def version(self, name: str) -> str:
+        return self.sha(name)
+
+    def load(self, name: str):
+        self.calls["load"] += 1
+        return self.sha(name), self.cache.load_compiled(self.sha(name), "base")
+
+    def direct_load(self, name: str):
+        from deft_runtime.pool import DirectLoad
+
+        self.calls["direct"] += 1
+        plan = self.cache.plan_compiled(self.sha(name), "base")
+        read = plan.read_into
+        if self.fail_read == "short":
+            read = lambda dests: False  # noqa: E731 - a read that came short
+        elif self.fail_read == "raise":
+
+            def read(dests):
+                raise OSError(5, "Input/output error")
+
+        return DirectLoad(self.sha(name), plan.ranks, plan.shapes, plan.nbytes, read)
+
+
+def pools_with_and_without_direct(tmp_path, budget_pages=12, **source_kw):
+    compiled = {
+        n: compile_adapter(
+            random_adapter(AdapterKind.DEFT, SHAPES, rank=r, seed=i, decomposition=Decomposition.QR),
+            {k: w for k, w in make(1)[1].base_weights.items()},
+        )
+        for i, (n, r) in enumerate([("a", 2), ("b", 3), ("c", 4)])
+    }
+    source = FileSource(tmp_path / "cache", compiled, **source_kw)
+    page_bytes = sum(o + i for o, i in SHAPES.values()) * 4
+    config = PoolConfig(device_bytes=budget_pages * page_bytes, host_bytes=1 << 30, max_slots=8)
+    direct = AdapterPool(SHAPES, config, source)
+    copying = AdapterPool(SHAPES, config, lambda name: compiled[name])
+    return direct, copying, source
+
+
+def pages_of(pool: AdapterPool, name: str) -> dict:
+    slot = pool.slot_of(name)
+    out = {}
+    for layer, lp in pool.layers.items():
+        r = int(lp.ranks[slot])
+        ids = lp.page_table[slot, :r].long()
+        out[layer] = (r, lp.A[ids].clone(), lp.B[ids].clone())
+    return out
+
+
+def test_a_cold_load_reads_the_file_straight_into_the_pages(tmp_path):
+    direct, copying, source = pools_with_and_without_direct(tmp_path)
+    for pool in (direct, copying):
+        pool.acquire(["a", "b", "c"])
+    assert source.calls == {"direct": 3, "load": 0}  # no host copy, no second copy
+    for name in ("a", "b", "c"):
+        got, want = pages_of(direct, name), pages_of(copying, name)
+        for layer in SHAPES:
+            assert got[layer][0] == want[layer][0]
+            assert torch.equal(got[layer][1], want[layer][1]) and torch.equal(got[layer][2], want[layer][2])
+        lp = direct.layers["to_q"]
+        assert isinstance(lp.page_index[direct.slot_of(name)], slice)  # contiguous: views when serving
+    assert direct.stats.loads == {"host": 0, "device": 3}
+    assert direct.resident_nbytes("b") == copying.resident_nbytes("b")
+    direct.release(["a"])
+    direct.evict("a")
+    direct.acquire(["a"])  # evicted, then cold again: read again, into the pages it had
+    assert source.calls["direct"] == 4 and pages_of(direct, "a")["to_k"][0] == 2
+
+
+def test_scattered_pages_short_reads_and_failing_reads_take_the_copying_path(tmp_path):
+    direct, copying, source = pools_with_and_without_direct(tmp_path, budget_pages=9)
+    direct.acquire(["a", "b"])  # pages 0-1 and 2-4 in every layer
+    direct.release(["a"])
+    direct.evict("a")
+    direct.acquire(["c"])  # 4 pages: the freed 0-1 and fresh 5-6, not contiguous
+    assert source.calls == {"direct": 3, "load": 1}
+    copying.acquire(["c"])
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(pages_of(direct, "c")["to_q"][1:], pages_of(copying, "c")["to_q"][1:], strict=True)
+    )
+    free = {layer: len(pages) for layer, pages in direct._free_pages.items()}
+
+    short, _, short_source = pools_with_and_without_direct(tmp_path / "short", fail_read="short")
+    short.acquire(["b"])
+    assert short_source.calls == {"direct": 1, "load": 1} and short.is_resident("b")
+    failing, _, _ = pools_with_and_without_direct(tmp_path / "raise", fail_read="raise")
+    before = {layer: len(pages) for layer, pages in failing._free_pages.items()}
+    with pytest.raises(OSError, match="Input/output error"):
+        failing.acquire(["b"])
+    assert {layer: len(p) for layer, p in failing._free_pages.items()} == before  # reservation returned
+    assert not failing.is_resident("b") and len(failing._free_slots) == 8
+    assert free == {layer: len(pages) for layer, pages in direct._free_pages.items()}
