@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import interleaved_medians, markdown_table, run_suite, string_params
-from benchmarks.efficiency import Workload, parse_workload_args
+from benchmarks.common import interleaved_medians, markdown_table
+from benchmarks.efficiency import Workload, parse_workload_args, run_workload_suite, workload_summary
 from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
 
 
@@ -127,14 +127,12 @@ def report(name: str, payload: dict[str, Any]) -> str:
         {"model": r["model"], "mode": r["mode"], **{k: f"{v:.3f}" for k, v in r["seconds"].items()}}
         for r in payload["rows"]
     ]
-    p = payload["params"]
     return "\n".join(
         [
             f"# {name}",
             "",
-            f"{p['requests']} requests x {p['steps']} steps with CFG, rank-{p['rank']} DEFT adapter each, "
-            f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}; "
-            "inductor; mode dynamic: dynamic shapes (`deft serve --compile`), buckets: static shapes per "
+            workload_summary(payload["params"])
+            + "; inductor; mode dynamic: dynamic shapes (`deft serve --compile`), buckets: static shapes per "
             "power-of-two batch size (`--compile --compile-buckets`)",
             "",
             markdown_table(rows, list(rows[0])),
@@ -148,24 +146,11 @@ def report(name: str, payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    name = args.out or ("compiled-quick" if args.quick else "compiled")
-    return run_suite(
+    return run_workload_suite(
         "compiled",
-        name,
+        args,
         lambda workdir: {"rows": [measure_model(args, m, mode) for m in args.models for mode in args.modes]},
-        machine=lambda: {"threads": args.threads, "torch": torch.__version__},
-        params={
-            **string_params(args, leave_out=("results_dir",)),
-            "requests": args.requests,
-            "steps": args.steps,
-            "rank": args.rank,
-            "max_batch_rows": args.max_batch_rows,
-            "repeats": args.repeats,
-            "threads": args.threads,
-        },
-        report=report,
-        out_dir=args.results_dir,
+        report,
     )
 
 

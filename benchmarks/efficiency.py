@@ -343,13 +343,11 @@ def report(name: str, payload: dict[str, Any]) -> str:
         {"model": r["model"], **{k: f"{v:.3f}" for k, v in r["single_request"].items()}}
         for r in payload["rows"]
     ]
-    p = payload["params"]
     return "\n".join(
         [
             f"# {name}",
             "",
-            f"{p['requests']} requests x {p['steps']} steps with CFG, rank-{p['rank']} DEFT adapter each, "
-            f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}",
+            workload_summary(payload["params"]),
             "",
             markdown_table(rows, list(rows[0])),
             "",
@@ -358,7 +356,7 @@ def report(name: str, payload: dict[str, Any]) -> str:
             markdown_table(parts, list(parts[0])),
             "",
             "Single request alone (seconds, medians of interleaved runs; adapter: a0, rank-"
-            f"{p['rank']} DEFT):",
+            f"{payload['params']['rank']} DEFT):",
             "",
             markdown_table(latency, list(latency[0])),
             "",
@@ -392,14 +390,27 @@ def figure(path: Any, payload: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def workload_summary(p: dict[str, Any]) -> str:
+    """The saturated workload in one line, from a report's params."""
+    return (
+        f"{p['requests']} requests x {p['steps']} steps with CFG, rank-{p['rank']} DEFT adapter each, "
+        f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}"
+    )
+
+
+def run_workload_suite(
+    suite: str,
+    args: argparse.Namespace,
+    measure: Callable[[Path], dict[str, Any]],
+    report: Callable[[str, dict[str, Any]], str],
+    figure: Callable[[Path, dict[str, Any]], object] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_suite` for a suite over the saturated workload (efficiency, compiled)."""
     torch.set_num_threads(args.threads)
-    name = args.out or ("efficiency-quick" if args.quick else "efficiency")
     return run_suite(
-        "efficiency",
-        name,
-        lambda workdir: {"rows": [measure_model(args, m, workdir) for m in args.models]},
+        suite,
+        args.out or (f"{suite}-quick" if args.quick else suite),
+        measure,
         machine=lambda: {"threads": args.threads, "torch": torch.__version__},
         params={
             **string_params(args, leave_out=("results_dir",)),
@@ -409,6 +420,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report=report,
         figure=figure,
         out_dir=args.results_dir,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    return run_workload_suite(
+        "efficiency",
+        args,
+        lambda workdir: {"rows": [measure_model(args, m, workdir) for m in args.models]},
+        report,
+        figure,
     )
 
 

@@ -458,7 +458,7 @@ class AdapterPool:
         for layer, pages in res.pages.items():
             lp = self.layers[layer]
             lp.page_index[res.slot] = None
-            if self._host_tables:
+            if self._direct:  # numpy views of the CPU tables (see _publish)
                 self._host_tables[layer][1][res.slot] = 0
             else:
                 lp.ranks[res.slot] = 0
@@ -467,8 +467,7 @@ class AdapterPool:
         self.stats.evictions["device"] += 1
 
     def _copy_to_device(self, name: str, host: _HostFactors, need: Mapping[str, int]) -> _Resident:
-        slot = self._free_slots.pop()
-        pages = {layer: [self._free_pages[layer].pop() for _ in range(r)] for layer, r in need.items()}
+        slot, pages = self._reserve(need)
         stream = self._stream
         if stream is not None:
             # pages may have just been freed by an eviction: kernels already queued on the compute

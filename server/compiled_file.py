@@ -80,7 +80,9 @@ def _header(buffer: torch.Tensor) -> tuple[dict[str, dict], dict[str, str], int]
     return header, metadata, 8 + n
 
 
-def _view(floats: torch.Tensor, info: dict) -> torch.Tensor | None:
+def _extent(info: dict) -> tuple[int, int, int] | None:
+    """``(start, rows, cols)`` of one header entry: an F32 matrix whose byte range matches its shape;
+    None for anything else."""
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if info.get("dtype") != "F32" or not isinstance(shape, list) or len(shape) != 2:
         return None
@@ -89,9 +91,18 @@ def _view(floats: torch.Tensor, info: dict) -> torch.Tensor | None:
     start, stop = offsets
     if not all(isinstance(d, int) and d >= 0 for d in shape) or stop - start != 4 * shape[0] * shape[1]:
         return None
+    return start, shape[0], shape[1]
+
+
+def _view(floats: torch.Tensor, info: dict) -> torch.Tensor | None:
+    extent = _extent(info)
+    if extent is None:
+        return None
+    start, rows, cols = extent
+    stop = start + 4 * rows * cols
     if start % 4 or start < 0 or stop > 4 * floats.numel():
         return None
-    return floats[start // 4 : stop // 4].view(shape)
+    return floats[start // 4 : stop // 4].view(rows, cols)
 
 
 def _factors(views: dict[str, torch.Tensor]) -> dict[str, LowRankFactors] | None:
@@ -190,18 +201,10 @@ def plan_compiled_read(path: Path) -> tuple[CompiledReadPlan, dict[str, str]] | 
     spans = []
     for key, info in header.items():
         layer, dot, role = key.rpartition(".")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not dot or role not in ("A", "Bt") or info.get("dtype") != "F32":
+        extent = _extent(info)
+        if not dot or role not in ("A", "Bt") or extent is None:
             return None
-        if not (
-            isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 0 for d in shape)
-        ):
-            return None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
-            return None
-        if offsets[1] - offsets[0] != 4 * shape[0] * shape[1]:
-            return None
-        spans.append(_Span(layer, role, offsets[0], shape[0], shape[1]))
+        spans.append(_Span(layer, role, *extent))
     spans.sort(key=lambda s: s.start)
     position = 0
     for s in spans:  # back to back from the start of the data, ending at the end of the file

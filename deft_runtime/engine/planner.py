@@ -62,10 +62,14 @@ _ORDER_KEYS: dict[BatchOrder, Callable[[Candidate], tuple[int, ...]]] = {
 }
 
 
-def ordered(candidates: Sequence[Candidate], order: BatchOrder = "longest-wait") -> list[Candidate]:
-    """The longest-waiting candidate first (it always runs), then the rest in ``order``."""
+def check_order(order: str) -> None:
     if order not in _ORDER_KEYS:
         raise ValueError(f"unknown batch order {order!r}; expected one of {', '.join(BATCH_ORDERS)}")
+
+
+def ordered(candidates: Sequence[Candidate], order: BatchOrder = "longest-wait") -> list[Candidate]:
+    """The longest-waiting candidate first (it always runs), then the rest in ``order``."""
+    check_order(order)
     if not candidates:
         return []
     head = min(candidates, key=_waited)
@@ -110,7 +114,7 @@ class BatchPlanner:
     ) -> None:
         if mixed_rows is not None and mixed_rows < 1:
             raise ValueError(f"mixed_rows must be ≥ 1, got {mixed_rows}")
-        ordered([], order)  # refuses an unknown order now, not at the first forward
+        check_order(order)  # now, not at the first forward
         self.max_rows, self.credit, self.order = max_rows, credit, order
         self.mixed_rows = min(mixed_rows or max_rows, max_rows)
         self.virtual = 0.0  # never decreases: the least virtual time among tenants with work

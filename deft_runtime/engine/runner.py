@@ -61,7 +61,8 @@ class StepRunner:
             if compile
             else model.denoiser
         )
-        self._sample_inputs: dict[str, Any] | None = None
+        self._sample_inputs: dict[str, Any] | None = None  # a forward's inputs, for compile_buckets
+        self._buckets_compiled = False
 
     def execute(self, plan: StepPlan) -> StepOutput:
         out = StepOutput(plan.iteration)
@@ -118,7 +119,7 @@ class StepRunner:
         start = time.perf_counter()
         n = len(rows)
         if self.buckets:
-            if self._sample_inputs is None:
+            if self._sample_inputs is None and not self._buckets_compiled:
                 self._sample_inputs = inputs
             size = bucket_for(n, self.buckets)
             inputs = resize_rows(inputs, n, size)
@@ -136,8 +137,8 @@ class StepRunner:
         """Run the denoiser once at every bucketed batch size (from a forward already seen, padded or
         cut to size; no adapters), so each size's graph is compiled before serving. Returns the sizes."""
         sample = self._sample_inputs
-        if not self.buckets:
-            return []
+        if not self.buckets or self._buckets_compiled:
+            return list(self.buckets)
         if sample is None:
             raise RuntimeError("compile_buckets needs one forward first (Engine.warm_up runs one)")
         n = int(sample["sample"].shape[0])
@@ -148,6 +149,7 @@ class StepRunner:
                     self.denoiser(**resize_rows(sample, n, size))
                 finally:
                     self.model.batch.clear()
+        self._sample_inputs, self._buckets_compiled = None, True  # nothing keeps those tensors alive
         return list(self.buckets)
 
     def _decode(self, finished: list[TrackedRequest]) -> list[tuple[TrackedRequest, list[object]]]:
