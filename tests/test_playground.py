@@ -77,8 +77,11 @@ def test_generate_with_an_adapter_shows_previews_then_the_image(browser, server,
     adapter = wait.until(lambda d: d.find_element(By.ID, "adapter-ink"))  # listed from /v1/models
     assert browser.find_element(By.ID, "model-name").text == "tiny-sdxl"
     assert browser.execute_script("return localStorage.getItem('deft.apiKey')") == TOKEN
+    shown_load = int(browser.find_element(By.ID, "adapter-list").get_attribute("data-loaded"))
     browser.find_element(By.ID, "prompt").click()  # leaving the key field: the page reloads the list
-    adapter = wait.until(lambda d: d.find_element(By.ID, "adapter-ink"))
+    # the reload replaces the rows: wait for the new list, not a row of the old one
+    wait.until(lambda d: int(d.find_element(By.ID, "adapter-list").get_attribute("data-loaded")) > shown_load)
+    adapter = browser.find_element(By.ID, "adapter-ink")
     adapter.click()
     slider = browser.find_element(By.ID, "adapter-ink-weight")
     browser.execute_script(

@@ -39,13 +39,18 @@ function adapterRow(name) {
   return li;
 }
 
+let modelLoads = 0;  // the latest loadModels() call: an older reply (say, for a previous key) is dropped
+
 async function loadModels() {
+  const load = ++modelLoads;
   const response = await fetch("/v1/models", { headers: headers() });
+  if (load !== modelLoads) return;
   if (!response.ok) {
     $("status").textContent = `Cannot list models: ${await errorText(response)}`;
     return;
   }
   const { data } = await response.json();
+  if (load !== modelLoads) return;
   baseModel = data[0].id;
   $("model-name").textContent = baseModel;
   const list = $("adapter-list");
@@ -61,6 +66,7 @@ async function loadModels() {
     list.append(row);
   }
   $("adapters-empty").hidden = data.length > 1;
+  list.dataset.loaded = String(load);  // which load the list shows (the browser test waits on it)
 }
 
 function selectedAdapters() {
