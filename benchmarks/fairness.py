@@ -1,7 +1,9 @@
 """Fairness suite: a tenant flooding the queue against a tenant with a modest load.
 
-Tenant B sends a modest Poisson load; tenant A sends ``--flood`` times as many requests over the same
-period (far above its share). The same traces are replayed side by side:
+Tenant B sends a modest Poisson load; tenant A sends ``--flood`` times B's rate (far above its share),
+starting ``--lead`` single-request service times before B's first request and going on as long after
+its last, so every request of B arrives while A floods (at a flood's very first instant neither tenant
+has a history, and each gets half the machine). The same traces are replayed side by side:
 
 - ``fair``: requests labelled by tenant, as the server labels them; admission and batch planning fair
   across tenants (``mixed_batch_rows``, ``idle_credit_row_steps``, ``newcomer_slots``: see
@@ -81,7 +83,11 @@ def stats(latencies: list[float]) -> dict[str, float]:
 def engines(args: argparse.Namespace) -> dict[str, Engine]:
     """The fair engine (also replays the unlabelled FCFS trace) and one whose planning ignores tenants."""
     base = {"admission": "continuous", "max_active": args.max_active}
-    fair = {"mixed_batch_rows": args.mixed_rows, "idle_credit_row_steps": args.credit, "newcomer_slots": 1}
+    fair = {
+        "mixed_batch_rows": args.mixed_rows,
+        "idle_credit_row_steps": args.credit,
+        "newcomer_slots": args.newcomer_slots,
+    }
     unfair = {"mixed_batch_rows": None, "idle_credit_row_steps": 0.0, "newcomer_slots": 0}
     torch.manual_seed(0)
     built = {"fair": build_engine({**base, **fair}, 1, args.max_batch_rows)[0]}
@@ -99,16 +105,38 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         engine.generate(GenerationRequest("calibrate", num_inference_steps=args.steps, seed=1), timeout=300)
         service = time.perf_counter() - t0
         rate_b = args.load / service
-        light = poisson("B", args.requests, rate_b, 1)
-        flood = poisson("A", args.requests * args.flood, rate_b * args.flood, 2)
-        alone, _ = replay(engine, light, args.steps, fair=True)
-        runs = {"fair": replay(engine, light + flood, args.steps, fair=True)}
-        runs["fcfs"] = replay(engine, light + flood, args.steps, fair=False)
-        runs["fair admission only"] = replay(built["admission"], light + flood, args.steps, fair=True)
+        alone: list[float] = []
+        runs: dict[str, tuple[dict[str, list[float]], float]] = {}
+        for repeat in range(args.repeats):  # fresh traces each time; the runs of one repeat share one
+            light = poisson("B", args.requests, rate_b, 1 + 10 * repeat)
+            alone += replay(engine, light, args.steps, fair=True)[0]["B"]
+            # under the flood: A's requests start `lead` before B's first and end `lead` after B's last
+            lead = args.lead * service
+            light = [Arrival(a.at + lead, a.tenant, a.seed) for a in light]
+            count = round((light[-1].at + lead) * rate_b * args.flood)
+            trace = light + poisson("A", count, rate_b * args.flood, 2 + 10 * repeat)
+            for name, eng, fair in (
+                ("fair", engine, True),
+                ("fcfs", engine, False),
+                ("fair admission only", built["admission"], True),
+            ):
+                _merge(runs, name, replay(eng, trace, args.steps, fair=fair))
     finally:
         for e in built.values():
             e.shutdown()
-    return summarise(args, service, rate_b, alone["B"], runs)
+    return summarise(args, service, rate_b, alone, runs)
+
+
+def _merge(
+    runs: dict[str, tuple[dict[str, list[float]], float]],
+    name: str,
+    run: tuple[dict[str, list[float]], float],
+) -> None:
+    """Pool one replay into ``runs[name]``: latencies appended per tenant, wall times added."""
+    latencies, wall = runs.get(name, ({}, 0.0))
+    for tenant, xs in run[0].items():
+        latencies.setdefault(tenant, []).extend(xs)
+    runs[name] = (latencies, wall + run[1])
 
 
 def summarise(
@@ -166,8 +194,9 @@ def plot_cdf(curves: dict[str, list[float]], path: Any) -> None:
 
 def report(args: argparse.Namespace, payload: dict[str, Any]) -> str:
     return (
-        f"# fairness (tiny-sdxl, B: {args.requests} requests at {payload['rate_b_req_s']:.2f} req/s, "
-        f"A: {args.flood}x that, {args.steps} steps, max_active {args.max_active}, max_batch_rows "
+        f"# fairness (tiny-sdxl, B: {args.repeats} x {args.requests} requests at "
+        f"{payload['rate_b_req_s']:.2f} req/s, A: {args.flood}x that from {args.lead:g} service times "
+        f"before, {args.steps} steps, newcomer slots {args.newcomer_slots}, max_active {args.max_active}, max_batch_rows "
         f"{args.max_batch_rows}, mixed_batch_rows {args.mixed_rows}, idle credit {args.credit:g} row-steps)\n\n"
         + markdown_table(payload["rows"], ["run", "n", "p50_s", "p99_s", "throughput_img_s"])
         + "\n\n"
@@ -184,18 +213,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--load", type=float, default=0.3, help="B's load as a fraction of one request's service rate"
     )
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="replays of each run (fresh traces; latencies pooled)"
+    )
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=6.0,
+        help="A's flood starts this many single-request service times before B's first request",
+    )
     parser.add_argument("--max-active", type=int, default=4)
     parser.add_argument("--max-batch-rows", type=int, default=8)
     parser.add_argument(
-        "--mixed-rows", type=int, default=2, help="fair engine's mixed_batch_rows (2: one CFG request)"
+        "--mixed-rows", type=int, default=4, help="fair engine's mixed_batch_rows (4: two CFG requests)"
     )
     parser.add_argument("--credit", type=float, default=100.0, help="fair engine's idle_credit_row_steps")
+    parser.add_argument(
+        "--newcomer-slots",
+        type=int,
+        default=2,
+        help="fair engine's newcomer_slots (B's share of --max-active)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small run (a smoke test): 4 B requests, A 4x")
     parser.add_argument("--out", default=None, help="results name (default fairness-tiny-sdxl[-quick])")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.flood, args.steps = 4, 4, 4
+        args.requests, args.flood, args.steps, args.repeats = 4, 4, 4, 1
     args.out = args.out or ("fairness-tiny-sdxl-quick" if args.quick else "fairness-tiny-sdxl")
     return args
 

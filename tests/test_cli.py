@@ -129,13 +129,15 @@ def test_fair_planning_flags_reach_the_engine_config(monkeypatch):
             "40",
             "--batch-order",
             "arrival",
+            "--newcomer-slots",
+            "3",
             "--compile",
             "--compile-buckets",
         ],
     )
     assert result.exit_code == 0, result.output
     config = ServerSettings(**seen[0]).engine_config()
-    assert (config.mixed_batch_rows, config.idle_credit_row_steps) == (2, 40.0)
+    assert (config.mixed_batch_rows, config.idle_credit_row_steps, config.newcomer_slots) == (2, 40.0, 3)
     assert (config.batch_order, config.compile, config.compile_buckets) == ("arrival", True, True)
     defaults = ServerSettings().engine_config()
     assert (defaults.batch_order, defaults.compile) == ("longest-wait", False)
@@ -146,6 +148,7 @@ def test_fair_planning_flags_reach_the_engine_config(monkeypatch):
         ("mixed_batch_rows", 0),
         ("idle_credit_row_steps", -1),
         ("idle_credit_row_steps", "inf"),
+        ("newcomer_slots", -1),
     ):
         with pytest.raises(ValueError, match=field):  # pydantic's ValidationError, at the server's start
             ServerSettings(**{field: value})

@@ -136,3 +136,20 @@ def test_a_tenant_with_nothing_in_flight_gets_a_newcomer_slot_while_a_flood_hold
     # B0 at once, beyond max_active; B1 waits (B has one in flight), C0 too (the one slot is taken)
     assert admitted == (["B0"] if newcomer_slots else [])
     assert scheduler.in_flight == 4 + newcomer_slots and not scheduler.schedule().admitted
+
+
+@pytest.mark.parametrize(("weight", "expected"), [(1.0, ["B0", "B1"]), (0.25, ["B0"])])
+def test_a_short_burst_takes_newcomer_slots_up_to_its_tenants_share_of_max_active(weight, expected):
+    scheduler = RequestScheduler(
+        _Family(), None, None, NullObserver(),  # type: ignore[arg-type]
+        max_rows=16, max_active=4, max_queue=100, static=False, retry_wait_s=0.01, newcomer_slots=3,
+    )  # fmt: skip
+    for i in range(10):
+        scheduler.submit(_request("A", i), None)
+    assert len(scheduler.schedule().admitted) == 4  # A alone: every slot, none of the extra ones
+    for i in range(3):
+        scheduler.submit(_request("B", i, weight), None)
+    # B's share of max_active: 4 × w/(1 + w) = 2 slots at weight 1, 0.8 at 0.25 (its first request only)
+    assert [r.request.prompt for r in scheduler.schedule().admitted] == expected
+    assert not scheduler.schedule().admitted  # B at its share, A above its own: the rest wait
+    assert scheduler.in_flight == 4 + len(expected)

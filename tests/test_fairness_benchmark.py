@@ -31,6 +31,6 @@ def test_quick_fairness_run_reports_every_run_and_ratio(tmp_path):
         "throughput fair admission only / fcfs",
     }
     written = json.loads((tmp_path / "fairness-tiny-sdxl-quick.json").read_text())
-    assert written["ratios"] == payload["ratios"] and written["params"]["mixed_rows"] == 2
+    assert written["ratios"] == payload["ratios"] and written["params"]["mixed_rows"] == 4
     assert (tmp_path / "fairness-tiny-sdxl-quick.md").read_text().startswith("# fairness")
     assert (tmp_path / payload["plot"]).stat().st_size > 0

@@ -147,6 +147,21 @@ def test_without_a_cap_the_light_tenant_leads_and_the_others_fill_the_forward():
         assert plan[0] == "B0" and len(plan) == 4  # B's request in every forward, A fills the rest
 
 
+def test_a_light_tenants_burst_shares_one_forward_past_the_cap_while_it_is_furthest_behind():
+    sim = Sim(BatchPlanner(8, mixed_rows=2, credit=12))
+    for i in range(4):
+        sim.add(f"A{i}", "A", steps=100)
+    for _ in range(10):
+        sim.step()
+    sim.add("B0", "B")
+    sim.add("B1", "B")
+    plans = [sim.step() for _ in range(6)]
+    # 12 row-steps of credit: B's two requests together (4 rows, as alone) for 3 forwards, A none
+    assert plans[:3] == [["B0", "B1"]] * 3
+    # then B is no longer furthest behind after one request: the cap holds, one request per forward
+    assert all(len(p) == 1 for p in plans[3:]) and any(p[0].startswith("A") for p in plans[3:])
+
+
 @pytest.mark.parametrize("weight", [1.0, 3.0])
 def test_busy_tenants_share_row_steps_by_weight_and_a_tenant_that_never_pauses_banks_nothing(weight):
     sim = Sim(BatchPlanner(4, mixed_rows=2, credit=50))

@@ -53,7 +53,7 @@ class EngineConfig:
     # fairness across tenants (see planner.BatchPlanner and RequestScheduler):
     mixed_batch_rows: int | None = None  # rows per forward while several tenants have work (None: max)
     idle_credit_row_steps: float = 100.0  # how far ahead a tenant back from idle may run (row-steps)
-    newcomer_slots: int = 1  # in-flight slots above max_active, for tenants with nothing in flight
+    newcomer_slots: int = 1  # in-flight slots above max_active, for tenants below their share of it
     compile: bool = False  # torch.compile the denoiser with its adapter layers (see StepRunner)
     compile_buckets: bool = False  # with compile: pad forwards to a few batch sizes, static shapes
     compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager: same guards)

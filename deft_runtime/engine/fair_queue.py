@@ -31,6 +31,7 @@ T = TypeVar("T")
 @dataclass
 class _Lane(Generic[T]):
     finish: float = 0.0
+    weight: float = 1.0  # of the tenant's latest queued request
     items: deque[tuple[float, int, T]] = field(default_factory=deque)  # (start tag, arrival, item)
 
 
@@ -51,6 +52,7 @@ class FairQueue(Generic[T]):
             lane = self._lanes.setdefault(tenant, _Lane())
             start = max(self._virtual, lane.finish)
             lane.finish = start + cost / weight
+            lane.weight = weight
             lane.items.append((start, next(self._arrivals), item))
             self._size += 1
 
@@ -72,6 +74,11 @@ class FairQueue(Generic[T]):
                 del self._lanes[tenant]  # nothing to remember: its next request starts at V anyway
             self._size -= 1
             return item
+
+    def waiting_weights(self) -> dict[str, float]:
+        """The tenants with queued items, and their weights."""
+        with self._lock:
+            return {tenant: lane.weight for tenant, lane in self._lanes.items() if lane.items}
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Take out every queued item ``predicate`` selects (e.g. cancelled requests), keeping order."""

@@ -16,9 +16,11 @@ Policy (step-level continuous batching):
   idle re-enters at most ``credit`` row-steps behind the others (what an idle tenant may bank, like a
   CPU scheduler's sleeper credit), so a light tenant's request runs ahead of a flood for a bounded
   while and then shares equally; a tenant that never pauses banks nothing.
-- ``mixed_rows`` caps the rows of a forward while several tenants have requests ready. Where each row
-  costs the same compute (a CPU), a light tenant's step is then as cheap as when it runs alone, at
-  little cost in throughput; where extra rows are nearly free (a GPU), leave it at ``max_rows``.
+- ``mixed_rows`` caps the rows of a forward while several tenants have requests ready; only the lead
+  tenant, while it is still the furthest behind, adds more of its own requests (up to ``max_rows``), so
+  a light tenant's burst shares forwards as it would alone. Where each row costs the same compute (a
+  CPU), a light tenant's step is then as cheap as when it runs alone, at little cost in throughput;
+  where extra rows are nearly free (a GPU), leave it at ``max_rows``.
 
 - ``order`` says who fills a forward after its lead (the longest-waiting request, which always gets
   in, so nothing starves whatever the order): ``"longest-wait"`` (the default: round-robin over every
@@ -145,17 +147,29 @@ class BatchPlanner:
         queues = {t: [c for c in cs if c.bucket == head.bucket] for t, cs in lanes.items()}
         chosen: list[str] = []
         used = 0
-        while True:
-            fitting = {t: [c for c in q if used + c.rows <= limit] for t, q in queues.items()}
-            ready = [t for t, q in fitting.items() if q]
-            if not ready:
-                return chosen
-            tenant = min(ready, key=lambda t: (times[t], _waited(fitting[t][0])))
-            c = fitting[tenant][0]
+
+        def take(tenant: str, c: Candidate) -> None:
+            nonlocal used
             queues[tenant].remove(c)
             chosen.append(c.request_id)
             used += c.rows
             times[tenant] += c.rows / c.weight
+
+        while True:  # up to the cap: one request at a time from the tenant then furthest behind
+            fitting = {t: [c for c in q if used + c.rows <= limit] for t, q in queues.items()}
+            ready = [t for t, q in fitting.items() if q]
+            if not ready:
+                break
+            tenant = min(ready, key=lambda t: (times[t], _waited(fitting[t][0])))
+            take(tenant, fitting[tenant][0])
+        # past the cap, the lead's own requests while it is still furthest behind: a light tenant's
+        # burst shares one forward, as it would alone, instead of taking one forward per request
+        while queues[lead] and lead == min((t for t, q in queues.items() if q), key=times.__getitem__):
+            fits = [c for c in queues[lead] if used + c.rows <= self.max_rows]
+            if not fits:
+                break
+            take(lead, fits[0])
+        return chosen
 
     def _charge(self, times: dict[str, float], chosen: list[Candidate]) -> None:
         """Record the forward: the active tenants' (clamped) times plus what each was given."""

@@ -12,9 +12,11 @@ Requests move ``queued → pending (prompts encoded, adapter lease loading) → 
 - :meth:`update` turns the runner's :class:`StepOutput` into events, starts leases for newly prepared
   requests, and completes finished and failed requests (releasing their leases).
 
-Slots for newcomers: ``max_active`` bounds the requests in flight, but a request whose tenant has none
-in flight may take one of ``newcomer_slots`` more, so a tenant flooding every slot cannot make another
-tenant wait for one of its requests to finish before the newcomer even starts.
+Slots for newcomers: ``max_active`` bounds the requests in flight, but a request whose tenant holds
+fewer than its weighted share of ``max_active`` (over the tenants with requests in flight or queued;
+a tenant with nothing in flight always does) may take one of ``newcomer_slots`` more. So a tenant
+flooding every slot cannot make another tenant wait for one of its requests to finish before the
+newcomer's request, or the next of a short burst, even starts.
 
 Locking: ``_lock`` guards only the queue counters and the draining flag (submission against the engine
 thread); it is a leaf, never held while calling out. Everything else is engine-thread only.
@@ -180,16 +182,25 @@ class RequestScheduler:
         return admitted if self.static else admitted + self._admit_newcomers()
 
     def _admit_newcomers(self) -> list[TrackedRequest]:
-        """Requests of tenants with nothing in flight, into the ``newcomer_slots`` above max_active."""
+        """Requests of tenants below their share of max_active, into the ``newcomer_slots`` above it."""
         admitted = []
         while self._n_waiting and self.in_flight < self.max_active + self.newcomer_slots:
-            busy = {r.request.tenant for r in [*self._active.values(), *self._pending]}
-            r = self._waiting.pop(skip=busy)
+            r = self._waiting.pop(skip=self._tenants_at_share())
             if r is None:
                 break
             if self._take(r):
                 admitted.append(r)
         return admitted
+
+    def _tenants_at_share(self) -> set[str]:
+        """Tenants holding at least their weighted share of ``max_active`` in-flight slots."""
+        held: dict[str, int] = {}
+        weights = self._waiting.waiting_weights()
+        for r in [*self._active.values(), *self._pending]:
+            held[r.request.tenant] = held.get(r.request.tenant, 0) + 1
+            weights[r.request.tenant] = r.request.weight
+        total = sum(weights.values())
+        return {t for t, n in held.items() if n >= self.max_active * weights[t] / total}
 
     def _take(self, r: TrackedRequest) -> bool:
         """Move a request popped from the queue in flight; False if it was cancelled meanwhile."""
