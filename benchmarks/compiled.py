@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import interleaved_medians, markdown_table
-from benchmarks.efficiency import Workload, parse_workload_args, run_workload_suite, workload_summary
-from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
+from benchmarks.efficiency import parse_workload_args, run_workload_suite, workload, workload_summary
+from deft_runtime.engine import EngineConfig, GenerationRequest
 
 
 def _graphs() -> int:
@@ -56,10 +56,10 @@ MODES: dict[str, dict[str, Any]] = {
 
 
 def measure_model(args: argparse.Namespace, model: str, mode: str) -> dict[str, Any]:
-    w = Workload(model, args.requests, args.steps, args.rank, args.max_batch_rows)
+    w = workload(args, model)
     eager = w.engine
     torch._dynamo.reset()  # a cold compile, whatever ran before in this process (or on disk: below)
-    compiled = Engine(
+    compiled = w.engine_for(
         eager.pipe,
         eager.model,
         EngineConfig(max_batch_rows=args.max_batch_rows, max_active=args.requests, **MODES[mode]),
@@ -84,7 +84,7 @@ def measure_model(args: argparse.Namespace, model: str, mode: str) -> dict[str, 
                 "eager alone": lambda: eager.generate(alone, timeout=600),
                 "compiled alone": lambda: compiled.generate(alone, timeout=600),
             },
-            device=torch.device("cpu"),
+            device=w.device,
             repeats=args.repeats,
         )
         timed_s = time.perf_counter() - started

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 
 import deft_runtime.engine.runner as runner_module
-from benchmarks.common import RESULTS_DIR, interleaved_medians, markdown_table, run_suite, string_params
+from benchmarks.common import (
+    RESULTS_DIR,
+    interleaved_medians,
+    machine_info,
+    markdown_table,
+    run_suite,
+    string_params,
+    synchronize,
+)
 from deft_runtime.adapter import AdapterKind, Decomposition
 from deft_runtime.engine import Engine, EngineConfig, GenerationRequest
 from deft_runtime.models import build_tiny_sdxl, load_pipeline
@@ -50,8 +58,10 @@ PHASES = (
 PER_ITERATION = ("row mapping", "input assembly", "guidance", "scheduler steps", "NaN checks", "planning")
 
 
-def _pipe(model: str) -> Any:
-    return build_tiny_sdxl(0) if model == "tiny-sdxl" else load_pipeline(model)
+def _pipe(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if model == "tiny-sdxl":
+        return build_tiny_sdxl(0).to(device=device, dtype=dtype)
+    return load_pipeline(model, torch_dtype=dtype, device=device)
 
 
 @dataclass
@@ -61,16 +71,17 @@ class Workload:
     steps: int
     rank: int
     max_rows: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
     engine: Engine = field(init=False)
     bare_unet: Any = field(init=False)
     full_inputs: dict[str, Any] = field(init=False, default_factory=dict)
     adapters: list[Any] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        pipe = _pipe(self.model)
-        mam = MultiAdapterModel(
-            pipe.unet, pool_config=PoolConfig(device_bytes=256 << 20, host_bytes=256 << 20), backend="torch"
-        )
+        pipe = self.pipe()
+        pool = PoolConfig(device_bytes=256 << 20, host_bytes=256 << 20, dtype=self.dtype, device=self.device)
+        mam = MultiAdapterModel(pipe.unet, pool_config=pool, backend="torch")
         shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in mam.base_weights.items()}
         for i in range(self.requests):
             adapter = random_adapter(
@@ -83,8 +94,10 @@ class Workload:
             )
             mam.register(f"a{i}", adapter)
             self.adapters.append(adapter)
-        self.engine = Engine(pipe, mam, EngineConfig(max_batch_rows=self.max_rows, max_active=self.requests))
-        self.bare_unet = _pipe(self.model).unet.eval()  # same weights, never wrapped
+        self.engine = self.engine_for(
+            pipe, mam, EngineConfig(max_batch_rows=self.max_rows, max_active=self.requests)
+        )
+        self.bare_unet = self.pipe().unet.eval()  # same weights, never wrapped
         self._capture_full_inputs()
 
     def _capture_full_inputs(self) -> None:
@@ -104,6 +117,13 @@ class Workload:
             del family.denoiser_inputs
         if not self.full_inputs:
             raise RuntimeError(f"no forward carried {self.max_rows} rows: raise --requests")
+
+    def pipe(self) -> Any:
+        """A fresh copy of the model's pipeline on the workload's device and dtype."""
+        return _pipe(self.model, self.device, self.dtype)
+
+    def engine_for(self, pipe: Any, model: MultiAdapterModel, config: EngineConfig) -> Engine:
+        return Engine(pipe, model, config, device=self.device, dtype=self.dtype)
 
     def rows_per_run(self) -> int:
         return self.requests * self.steps * 2  # CFG: two rows per request per step
@@ -129,9 +149,11 @@ class Workload:
         return [h.result(600) for h in handles]
 
     def bare_forward(self) -> float:
+        synchronize(self.device)
         start = time.perf_counter()
         with torch.no_grad():
             self.bare_unet(**self.full_inputs)
+        synchronize(self.device)
         return time.perf_counter() - start
 
     def bare_run(self) -> float:
@@ -157,7 +179,7 @@ def single_request_latency(w: Workload, workdir: Path, repeats: int) -> dict[str
 
     from deft_runtime.formats import save_adapter
 
-    plain, with_peft = _pipe(w.model), _pipe(w.model)
+    plain, with_peft = w.pipe(), w.pipe()
     with_peft.unet = PeftModel.from_pretrained(
         with_peft.unet, save_adapter(w.adapters[0], workdir / "a0-peft", format="peft"), is_trainable=False
     )
@@ -181,7 +203,7 @@ def single_request_latency(w: Workload, workdir: Path, repeats: int) -> dict[str
             "deft + adapter": deft((("a0", 1.0),)),
             "diffusers + PEFT": diffusers(with_peft),
         },
-        device=torch.device("cpu"),
+        device=w.device,
         repeats=repeats,
     )
     return {
@@ -192,21 +214,26 @@ def single_request_latency(w: Workload, workdir: Path, repeats: int) -> dict[str
 
 
 class PhaseTimer:
-    """Accumulated seconds per phase, by wrapping callables in place (and putting them back)."""
+    """Accumulated seconds per phase, by wrapping callables in place (and putting them back). On CUDA
+    each phase synchronizes the device before it starts and ends (else it would time kernel launches,
+    not kernels): the instrumented run is then slower than a real one, but says where the time goes."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._restore: list[Callable[[], None]] = []
+        self.device = device
 
     def wrap(self, owner: Any, attr: str, phase: str) -> None:
         original = getattr(owner, attr)
         had_own = attr in vars(owner)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize(self.device)
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                synchronize(self.device)
                 self.seconds[phase] += time.perf_counter() - start
 
         setattr(owner, attr, timed)
@@ -220,8 +247,8 @@ class PhaseTimer:
 
 
 @contextmanager
-def instrumented(engine: Engine) -> Iterator[PhaseTimer]:
-    timer = PhaseTimer()
+def instrumented(engine: Engine, device: torch.device = torch.device("cpu")) -> Iterator[PhaseTimer]:
+    timer = PhaseTimer(device)
     family, scheduler, runner = engine.family, engine.scheduler, engine.runner
     for owner, attr, phase in (
         (engine.model.denoiser, "forward", "forward"),
@@ -261,14 +288,14 @@ def breakdown(w: Workload, wall: float, seconds: dict[str, float], bare_forward_
 
 
 def measure_model(args: argparse.Namespace, model: str, workdir: Path) -> dict[str, Any]:
-    w = Workload(model, args.requests, args.steps, args.rank, args.max_batch_rows)
+    w = workload(args, model)
     try:
         engine_s, bare_s = [], []
         for _ in range(args.repeats):  # alternate, so drift in load hits both alike
             engine_s.append(w.run_engine())
             bare_s.append(w.bare_run())
         bare_forward_s = statistics.median(bare_s) / (w.rows_per_run() / w.max_rows)
-        with instrumented(w.engine) as timer:
+        with instrumented(w.engine, w.device) as timer:
             wall = w.run_engine()
         parts = breakdown(w, wall, timer.seconds, bare_forward_s)
         latency = single_request_latency(w, workdir, args.repeats)
@@ -296,6 +323,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parse_workload_args("efficiency", __doc__, argv)
 
 
+def workload(args: argparse.Namespace, model: str) -> Workload:
+    """The saturated workload of ``args`` (``--device``, ``--dtype``) for ``model``."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    return Workload(model, args.requests, args.steps, args.rank, args.max_batch_rows, device, dtype)
+
+
 def parse_workload_args(
     suite: str, doc: str | None, argv: list[str] | None, *, modes: tuple[str, ...] = ()
 ) -> argparse.Namespace:
@@ -311,6 +344,8 @@ def parse_workload_args(
     parser.add_argument("--max-batch-rows", type=int, default=16, help="rows per forward (CFG rows count)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (gpu_check.sh: cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quick", action="store_true", help="tiny-sdxl only, 4 requests x 3 steps, 1 repeat")
     parser.add_argument("--out", default=None, help=f"report name (default {suite}, or {suite}-quick)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -394,7 +429,8 @@ def workload_summary(p: dict[str, Any]) -> str:
     """The saturated workload in one line, from a report's params."""
     return (
         f"{p['requests']} requests x {p['steps']} steps with CFG, rank-{p['rank']} DEFT adapter each, "
-        f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}"
+        f"{p['max_batch_rows']} rows per forward, {p['threads']} thread(s), median of {p['repeats']}, "
+        f"{p.get('device', 'cpu')} {p.get('dtype', 'float32')}"
     )
 
 
@@ -411,7 +447,7 @@ def run_workload_suite(
         suite,
         args.out or (f"{suite}-quick" if args.quick else suite),
         measure,
-        machine=lambda: {"threads": args.threads, "torch": torch.__version__},
+        machine=lambda: {**machine_info(torch.device(args.device)), "threads": args.threads},
         params={
             **string_params(args, leave_out=("results_dir",)),
             "requests": args.requests,

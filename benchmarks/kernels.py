@@ -241,7 +241,7 @@ COLUMNS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--backend", choices=["torch", "triton"], default="torch")
@@ -250,7 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", default=None, help="report name (default kernels-<preset>-<backend>-<dtype>)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     dtype = getattr(torch, args.dtype)
 
