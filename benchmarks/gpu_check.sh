@@ -24,6 +24,7 @@ if [[ "${1:-}" == "--cpu-dry-run" ]]; then
     DRY=1
     shift
 fi
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi # make venv's
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if ((DRY)); then

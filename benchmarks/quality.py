@@ -246,6 +246,35 @@ def ordering(summary: list[dict[str, Any]], metric: str = "prompt_following") ->
     return best
 
 
+PAIRED_METRICS = ("recognised", "prompt_following", "prior")
+
+
+def paired(runs: list[dict[str, Any]], a: str, b: str, metric: str) -> dict[str, float] | None:
+    """``a − b`` over the (concept, seed) runs both methods have: mean, standard error, wins, losses."""
+    by = {(r["method"], r["concept"], r["seed"]): float(r[metric]) for r in runs}
+    keys = sorted({(c, s) for m, c, s in by if m == a} & {(c, s) for m, c, s in by if m == b})
+    if not keys:
+        return None
+    diffs = [by[(a, *k)] - by[(b, *k)] for k in keys]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return {"mean": statistics.fmean(diffs), "se": se, "wins": wins, "losses": losses, "n": len(diffs)}
+
+
+def paired_rows(runs: list[dict[str, Any]], labels: Sequence[str]) -> list[dict[str, str]]:
+    """Every method against LoRA, and every DEFT method against every PaRa method, paired by run."""
+    pairs = [(m, "lora") for m in labels if m != "lora" and "lora" in labels]
+    pairs += [(d, p) for d in labels if d.startswith("deft") for p in labels if p.startswith("para")]
+    rows = []
+    for a, b in pairs:
+        row = {"a − b": f"{a} − {b}"}
+        for metric in PAIRED_METRICS:
+            d = paired(runs, a, b, metric)
+            row[metric] = "" if d is None else f"{d['mean']:+.3f} ± {d['se']:.3f} ({d['wins']}/{d['losses']})"
+        rows.append(row)
+    return rows
+
+
 def report(name: str, payload: dict[str, Any]) -> str:
     params, summary = payload["params"], payload["summary"]
     rows = [
@@ -268,8 +297,13 @@ def report(name: str, payload: dict[str, Any]) -> str:
         + f"\n\nbase model, no adapter: fidelity {base['fidelity']:.3f}, following {base['prompt_following']:.3f} "
         f"on sks prompts; prior {base['prior']:.3f}.\n\nprompt following, best method per family: "
         + ", ".join(f"{k} {v:.3f}" for k, v in best.items())
-        + f" (order here: {order}; paper, CLIP-T on SDXL: deft 0.361 > para 0.354 > lora 0.341).\n"
-        f"Rows of the sample grid ({name}-grid.png, seed 0, 4 prompts each): {', '.join(payload['grid_rows'])}\n"
+        + f" (order here: {order}; paper, CLIP-T on SDXL: deft 0.361 > para 0.354 > lora 0.341).\n\n"
+        "Paired by run (same concept, seed, prompts): mean of a − b ± its standard error (a's wins/losses "
+        "over the runs; the rest are ties):\n\n"
+        + markdown_table(
+            paired_rows(payload["runs"], [r["method"] for r in summary]), ["a − b", *PAIRED_METRICS]
+        )
+        + f"\n\nRows of the sample grid ({name}-grid.png, seed 0, 4 prompts each): {', '.join(payload['grid_rows'])}\n"
     )
 
 

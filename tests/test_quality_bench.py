@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,26 @@ def test_quick_run_writes_report_plot_and_grid(tmp_path: Path) -> None:
         assert grid.size == (2 * (4 * 66 + 2), 2 * (3 * 66 + 2))
     with Image.open(tmp_path / "quality-quick.png") as plot:
         assert plot.width > 300
+
+
+def test_paired_differences_match_runs_by_concept_and_seed() -> None:
+    def run(method: str, concept: str, seed: int, value: float) -> dict[str, object]:
+        return {"method": method, "concept": concept, "seed": seed} | dict.fromkeys(
+            quality.PAIRED_METRICS, value
+        )
+
+    runs = [
+        run("deft-qr", "heart", 0, 0.5), run("lora", "heart", 0, 0.25),
+        run("deft-qr", "ring", 0, 0.25), run("lora", "ring", 0, 0.5),
+        run("deft-qr", "heart", 1, 1.0), run("lora", "heart", 1, 0.5),
+        run("deft-qr", "cross", 0, 0.75),  # lora has no such run: left out of the pairing
+    ]  # fmt: skip
+    d = quality.paired(runs, "deft-qr", "lora", "recognised")
+    assert d is not None
+    assert (d["n"], d["wins"], d["losses"]) == (3, 2, 1)
+    assert d["mean"] == pytest.approx((0.25 - 0.25 + 0.5) / 3)
+    assert d["se"] == pytest.approx(statistics.stdev([0.25, -0.25, 0.5]) / 3**0.5)
+    assert quality.paired(runs, "deft-qr", "para-qr", "recognised") is None
+    rows = quality.paired_rows(runs, ["deft-qr", "para-qr", "lora"])
+    assert [r["a − b"] for r in rows] == ["deft-qr − lora", "para-qr − lora", "deft-qr − para-qr"]
+    assert rows[0]["recognised"].startswith("+0.167 ± ") and rows[0]["recognised"].endswith("(2/1)")
