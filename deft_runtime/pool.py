@@ -308,10 +308,11 @@ class AdapterPool:
                 return True
             self._make_room(name, need)
             slot, pages = self._reserve(need)
-        runs = {layer: _as_slice(ids) for layer, ids in pages.items()}
+        maybe_runs = {layer: _as_slice(ids) for layer, ids in pages.items()}
+        runs = {layer: run for layer, run in maybe_runs.items() if run is not None}
         done = False
         try:
-            if all(run is not None for run in runs.values()):
+            if len(runs) == len(maybe_runs):  # every layer's pages are one ascending run
                 start = time.perf_counter()
                 pages_np = self._host_pages
                 dests = {
@@ -325,7 +326,7 @@ class AdapterPool:
                 if not done or self._pin_resident(name, offer.version, count=False):  # lost a race: theirs
                     self._unreserve(slot, pages)
                 else:
-                    self._publish(name, offer, slot, pages, runs)  # type: ignore[arg-type]
+                    self._publish(name, offer, slot, pages, runs)
         return done
 
     def _fits_layers(self, offer: DirectLoad) -> bool:
