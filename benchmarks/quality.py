@@ -80,6 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="training steps (equal for every method)")
     parser.add_argument("--batch-size", type=int, default=1, help="instance (and class) images per step")
     parser.add_argument("--prompts", type=int, default=12, help="sks prompts per run (new contexts)")
+    parser.add_argument(
+        "--prior-weight",
+        type=float,
+        default=1.0,
+        help="weight of the class (prior preservation) loss; 0 trains without class images",
+    )
     parser.add_argument("--prior-prompts", type=int, default=12, help="base prompts per run")
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -99,6 +105,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - {m.label for m in METHODS})
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {[m.label for m in METHODS]}")
+    if args.prior_weight < 0:
+        parser.error(f"--prior-weight must be 0 or more, not {args.prior_weight}")
     if args.quick:
         args.concepts, args.seeds, args.methods = args.concepts[:1], 1, ["deft-qr", "para-qr", "lora"]
         args.steps, args.prompts, args.prior_prompts, args.inference_steps = 20, 4, 4, 8
@@ -121,9 +129,19 @@ class Bench:
     def evaluation(self) -> dict[str, Any]:
         return {"steps": self.args.inference_steps, "guidance_scale": self.args.guidance}
 
+    def prior(self) -> Any:
+        from deft_runtime.train.config import PriorPreservation
+
+        weight = self.args.prior_weight
+        return (
+            PriorPreservation(self.class_dir, "a shape", num_images=50, loss_weight=weight)
+            if weight
+            else None
+        )
+
     def train(self, concept: str, method: Method, seed: int, lr: float, steps: int) -> Any:
         from deft_runtime.train import train
-        from deft_runtime.train.config import Concept, PriorPreservation, TrainConfig, train_defaults
+        from deft_runtime.train.config import Concept, TrainConfig, train_defaults
 
         defaults = train_defaults("shapes-sdxl")
         config = TrainConfig(
@@ -139,7 +157,7 @@ class Bench:
             steps=steps,
             batch_size=self.args.batch_size,
             latents=defaults["latents"],
-            prior=PriorPreservation(self.class_dir, "a shape", num_images=50),
+            prior=self.prior(),
             seed=seed,
         )
         return train(config, pipe=self.pipe).adapter
@@ -159,6 +177,7 @@ class Bench:
             "seed": seed,
             "lr": lr,
             "steps": steps,
+            "prior_weight": self.args.prior_weight,
             **scores.summary(),
             "prior": prior,
             "train_seconds": round(trained, 1),
@@ -291,7 +310,8 @@ def report(name: str, payload: dict[str, Any]) -> str:
     order = " > ".join(sorted(best, key=best.__getitem__, reverse=True))
     return (
         f"# {name}\n\nconcepts {params['concepts']}, {params['seeds']} seeds, {params['steps']} training "
-        f"steps, rank 4, {params['prompts']} sks + {params['prior_prompts']} base prompts per run, "
+        f"steps, rank 4, prior weight {params.get('prior_weight', '1.0')}, {params['prompts']} sks + "
+        f"{params['prior_prompts']} base prompts per run, "
         f"{params['inference_steps']} inference steps, guidance {params['guidance']}\n\n"
         + markdown_table(rows, ["method", "lr", "runs", *METRICS])
         + f"\n\nbase model, no adapter: fidelity {base['fidelity']:.3f}, following {base['prompt_following']:.3f} "
@@ -355,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = args.out or ("quality-quick" if args.quick else "quality")
     if args.from_runs is not None:
         return from_runs(args, name)
+    args.results_dir.mkdir(
+        parents=True, exist_ok=True
+    )  # the grid is saved before run_suite writes the report
     grid = args.results_dir / f"{name}-grid.png"
     return run_suite(
         "quality",

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from benchmarks import quality
+from deft_runtime.train.config import PriorPreservation
 
 
 def test_methods_cover_every_projector_mode_the_issue_names() -> None:
@@ -35,7 +37,21 @@ def test_unknown_method_is_refused_with_the_choices() -> None:
         quality.parse_args(["--methods", "dora"])
 
 
+def test_prior_weight_sets_the_class_loss_and_zero_trains_without_class_images(tmp_path: Path) -> None:
+    def prior(*argv: str) -> object:
+        bench = SimpleNamespace(args=quality.parse_args(list(argv)), class_dir=tmp_path)
+        return quality.Bench.prior(bench)  # type: ignore[arg-type]
+
+    assert isinstance(default := prior(), PriorPreservation) and default.loss_weight == 1.0
+    assert isinstance(half := prior("--prior-weight", "0.5"), PriorPreservation) and half.loss_weight == 0.5
+    assert half.class_dir == tmp_path and half.num_images == 50
+    assert prior("--prior-weight", "0") is None
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--prior-weight", "-1"])
+
+
 def test_quick_run_writes_report_plot_and_grid(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "new" / "results"  # a --results-dir that does not exist yet is created
     payload = quality.main(["--quick", "--threads", "1", "--results-dir", str(tmp_path)])
     methods = [row["method"] for row in payload["summary"]]
     assert methods == ["deft-qr", "para-qr", "lora"]
@@ -45,7 +61,11 @@ def test_quick_run_writes_report_plot_and_grid(tmp_path: Path) -> None:
             assert 0.0 <= row[f"{metric}_mean"] <= 1.0, (row["method"], metric)
             assert row[f"{metric}_std"] == 0.0  # one run: no spread
     for run in payload["runs"]:
-        assert run["steps"] == 20 and run["lr"] == quality.TUNED_LR[run["method"].split("-")[0]]
+        assert (
+            run["steps"] == 20
+            and run["prior_weight"] == 1.0
+            and run["lr"] == quality.TUNED_LR[run["method"].split("-")[0]]
+        )
         assert all(0.0 <= run[m] <= 1.0 for m in (*quality.METRICS, "colours"))
     assert 0.0 <= payload["base"]["prior"] <= 1.0
     written = json.loads((tmp_path / "quality-quick.json").read_text())

@@ -16,7 +16,7 @@ from deft_runtime.models import (
     load_pipeline,
     shapes_defaults,
 )
-from deft_runtime.models.shapes import SHAPES_WORDS, build_shapes_tokenizer
+from deft_runtime.models.shapes import RESERVED_WORDS, SHAPES_WORDS, build_shapes_tokenizer, reserved_rows
 from deft_runtime.pool import PoolConfig
 from deft_runtime.runtime import MultiAdapterModel
 from deft_runtime.scenes import Scene, parse_image, parse_prompt, render_image
@@ -148,13 +148,62 @@ def test_img2img_recolours_a_rendered_scene_as_prompted() -> None:
         assert foreground in (None, scene.foreground), (prompt, strength, seed, scene)
 
 
-def test_every_scene_word_is_one_token_and_new_words_still_tokenize() -> None:
+def test_every_scene_word_and_the_trigger_is_one_token_and_new_words_still_tokenize() -> None:
     tokenizer = build_shapes_tokenizer()
-    for word in SHAPES_WORDS:
+    for word in (*SHAPES_WORDS, *RESERVED_WORDS):
         ids = tokenizer(word).input_ids
         assert len(ids) == 3, (word, tokenizer.convert_ids_to_tokens(ids))  # start, word, end
-    trigger = tokenizer.convert_ids_to_tokens(tokenizer("a red sks").input_ids)
-    assert trigger[1:-1] == ["a</w>", "red</w>", "s", "k", "s</w>"]
+    other = tokenizer.convert_ids_to_tokens(tokenizer("a red zq").input_ids)
+    assert other[1:-1] == ["a</w>", "red</w>", "z", "q</w>"]
+    # the trigger takes the shape's place: every later word keeps its position
+    with_trigger = tokenizer("a green sks on a yellow background, on the left").input_ids
+    with_shape = tokenizer("a green star on a yellow background, on the left").input_ids
+    assert len(with_trigger) == len(with_shape)
+    assert [a == b for a, b in zip(with_trigger, with_shape, strict=True)].count(False) == 1
+    # the scene vocabulary keeps its ids: the reserved tokens come after it
+    assert tokenizer.convert_tokens_to_ids("sks</w>") == len(tokenizer) - 1 > tokenizer.eos_token_id
+
+
+def test_committed_model_has_the_trigger_rows_the_recipe_would_have_left() -> None:
+    """No caption holds ``sks``, so the recipe leaves its embeddings at their initial values shrunk by
+    weight decay, like every other unused token (scripts/reserve_shapes_tokens.py); the committed model
+    holds exactly that, and the rest of its vocabulary is the trained one."""
+    pipe, initial = load_pipeline(SHAPES_MODEL_NAME), build_shapes_sdxl(0)
+    for index, (encoder, fresh) in enumerate(
+        ((pipe.text_encoder, initial.text_encoder), (pipe.text_encoder_2, initial.text_encoder_2))
+    ):
+        trained = encoder.get_input_embeddings().weight.detach()
+        init = fresh.get_input_embeddings().weight.detach()
+        assert trained.shape == init.shape == (len(pipe.tokenizer), encoder.config.hidden_size)
+        unused = pipe.tokenizer.convert_tokens_to_ids("q</w>")  # a byte token no caption holds
+        scale = float((trained[unused] / init[unused]).mean())
+        assert 0.9 < scale < 1.0  # AdamW's decay over the recipe's steps
+        count = len(RESERVED_WORDS) + 1  # "sk" and "sks</w>"
+        torch.testing.assert_close(trained[-count:], init[-count:] * scale, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(init[-count:], reserved_rows(fresh, count, 0, index))
+
+
+def test_the_base_model_keeps_the_prompted_colours_and_position_around_the_trigger(shapes_pipe) -> None:
+    """With ``sks`` one token in the shape's place, the base model (no adapter) still draws the prompted
+    colours at the prompted position: an adapter has only the shape to learn."""
+    prompts = [
+        ("a green sks on a yellow background, on the left", "green", "yellow", "left"),
+        ("a white sks on a purple background, at the top", "white", "purple", "top"),
+        ("a red sks on a black background, on the right", "red", "black", "right"),
+        ("a blue sks on a orange background, at the bottom", "blue", "orange", "bottom"),
+    ]
+    images = shapes_pipe(
+        [p for p, *_ in prompts],
+        num_inference_steps=25,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
+    for (prompt, foreground, background, position), image in zip(prompts, images, strict=True):
+        scene = parse_image(image)
+        assert (scene.foreground, scene.background, scene.position) == (foreground, background, position), (
+            prompt,
+            scene,
+        )
 
 
 def test_recipe_encodes_prompts_exactly_like_the_pipeline() -> None:

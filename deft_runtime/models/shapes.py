@@ -7,9 +7,9 @@ and committed under ``deft_runtime/models/shapes_sdxl/``. This module builds the
 pipeline the recipe starts from, and resolves the committed directory.
 
 Geometry: 64x64 images, VAE factor 8, so the UNet denoises 8x8x8 latents (two levels, 8x8 and 4x4).
-Tokenizers: real ``CLIPTokenizer``s whose BPE merges turn every word of the scene language into a
-single token; any other word (a personalisation trigger such as ``sks``) still tokenizes, byte by
-byte, so adapters can learn new words.
+Tokenizers: real ``CLIPTokenizer``s whose BPE merges turn every word of the scene language, and the
+reserved personalisation trigger ``sks`` (:data:`RESERVED_WORDS`), into a single token; any other
+word still tokenizes, byte by byte.
 """
 
 from __future__ import annotations
@@ -19,21 +19,26 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
-from transformers import CLIPTextConfig, CLIPTokenizer
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from deft_runtime.models.tiny import assemble_sdxl, bytes_to_unicode
 
 __all__ = [
+    "RESERVED_WORDS",
     "SHAPES_MODEL_DIR",
     "SHAPES_MODEL_NAME",
     "SHAPES_WORDS",
+    "add_reserved_embeddings",
     "bpe_merges_for",
     "build_shapes_sdxl",
     "build_shapes_tokenizer",
+    "reserved_rows",
     "shapes_defaults",
 ]
 
@@ -47,6 +52,13 @@ SHAPES_WORDS: tuple[str, ...] = (
     *("circle", "square", "triangle", "diamond", "star"),
     *("a", "on", "background", "the", "left", "right", "at", "top", "bottom", "in", "center"),
 )
+#: Identifiers with no meaning in the scene language, one token each, never in a training caption (so
+#: their embeddings keep their initial values): DreamBooth's rare-token trigger for personalisation.
+#: A trigger split into byte tokens (``s``, ``k``, ``s``) shifts every later word off the position the
+#: text encoders learned to read it at: the base model then gets the prompted colours of ``a green sks
+#: on a yellow background`` right in 8 % of samples instead of ~95 %, and an adapter must relearn the
+#: grammar before the concept. Their token ids follow the scene vocabulary's (602 and up).
+RESERVED_WORDS: tuple[str, ...] = ("sks",)
 MAX_TOKENS = 20  # the longest prompt of the grammar is 13 tokens with start and end of text
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 3  # SDXL reads the penultimate layer, so two layers do the work
@@ -77,14 +89,17 @@ def _apply_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Merges (in rank order) under which every word in ``words`` is one BPE token.
+def bpe_merges_for(
+    words: tuple[str, ...], after: list[tuple[str, str]] | None = None
+) -> list[tuple[str, str]]:
+    """Merges (in rank order) under which every word in ``words`` is one BPE token, ranked after the
+    merges ``after`` (whose words stay as they are).
 
     Each new merge joins the first two symbols of a word that is not yet one token and is ranked
     last, so it never changes a word already finished; words are re-tokenized after every merge.
     """
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
+    merges: list[tuple[str, str]] = list(after or [])
+    ranks: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(merges)}
     for word in words:
         symbols = _apply_merges(word, ranks)
         while len(symbols) > 1:
@@ -92,10 +107,12 @@ def bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:
             ranks[pair] = len(merges)
             merges.append(pair)
             symbols = _apply_merges(word, ranks)
-    return merges
+    return merges[len(after or []) :]
 
 
-def _vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+def _vocab(merges: list[tuple[str, str]], reserved: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's byte alphabet, the scene words' merges, the special tokens, then the reserved words'
+    merges (so the scene vocabulary's ids do not depend on the reserved words)."""
     table = bytes_to_unicode()
     alphabet = [table[b] for b in range(256)]
     vocab = {char: i for i, char in enumerate(alphabet)}
@@ -104,23 +121,32 @@ def _vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
         vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
+    for left, right in reserved:
+        vocab.setdefault(left + right, len(vocab))
     return vocab
 
 
 def build_shapes_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` (written locally, loaded from files) with the scene words as whole tokens."""
+    """A ``CLIPTokenizer`` (written locally, loaded from files) with the scene words and the reserved
+    words as whole tokens."""
     merges = bpe_merges_for(SHAPES_WORDS)
+    reserved = bpe_merges_for(RESERVED_WORDS, after=merges)
     with tempfile.TemporaryDirectory(prefix="deft-shapes-tok-") as tmp:
         folder = Path(tmp)
-        (folder / "vocab.json").write_text(json.dumps(_vocab(merges)), encoding="utf-8")
-        lines = "\n".join(f"{left} {right}" for left, right in merges)
+        (folder / "vocab.json").write_text(json.dumps(_vocab(merges, reserved)), encoding="utf-8")
+        lines = "\n".join(f"{left} {right}" for left, right in merges + reserved)
         (folder / "merges.txt").write_text(f"#version: 0.2\n{lines}\n", encoding="utf-8")
         return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=MAX_TOKENS)
 
 
+def _reserved_token_count() -> int:
+    return len(bpe_merges_for(RESERVED_WORDS, after=bpe_merges_for(SHAPES_WORDS)))
+
+
 def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """The text encoders' configuration without the reserved tokens' rows (added after initialising)."""
     return CLIPTextConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) - _reserved_token_count(),
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
         num_hidden_layers=TEXT_LAYERS,
@@ -191,7 +217,37 @@ def build_shapes_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """The untrained ``shapes-sdxl`` pipeline (seeded initialisation) the training recipe starts from."""
     tokenizer, tokenizer_2 = build_shapes_tokenizer("<|endoftext|>"), build_shapes_tokenizer("!")
     configs = (_text_config(tokenizer), _text_config(tokenizer_2))
-    return assemble_sdxl(seed, (tokenizer, tokenizer_2), configs, _unet, _vae, _scheduler())
+    pipe = assemble_sdxl(seed, (tokenizer, tokenizer_2), configs, _unet, _vae, _scheduler())
+    add_reserved_embeddings(pipe, seed)
+    return pipe
+
+
+def reserved_rows(encoder: CLIPTextModel, count: int, seed: int, index: int) -> torch.Tensor:
+    """The initial embeddings of ``count`` reserved tokens of text encoder ``index`` (0 or 1): CLIP's own
+    initialisation (normal, std ``0.02 * initializer_factor``) from a generator of their own, so the
+    rest of the model's initialisation does not depend on them."""
+    generator = torch.Generator().manual_seed(seed * 1000 + 700 + index)
+    std = 0.02 * float(encoder.config.initializer_factor or 1.0)
+    return torch.randn(count, encoder.config.hidden_size, generator=generator) * std
+
+
+def add_reserved_embeddings(pipe: StableDiffusionXLPipeline, seed: int, scale: float = 1.0) -> None:
+    """Give both text encoders rows for the tokenizers' reserved tokens (no-op when they have them):
+    :func:`reserved_rows` times ``scale``. The recipe adds them at initialisation (``scale`` 1); no
+    caption holds them, so training only shrinks them by AdamW's weight decay, as it shrinks every
+    other unused token, which ``scripts/reserve_shapes_tokens.py`` measured to add them to the
+    committed model."""
+    for index, (tokenizer, encoder) in enumerate(
+        ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    ):
+        old = encoder.get_input_embeddings().weight.detach()
+        count = len(tokenizer) - old.shape[0]
+        if count <= 0:
+            continue
+        rows = reserved_rows(encoder, count, seed, index).to(old.dtype) * scale
+        weight = torch.cat([old, rows])
+        encoder.set_input_embeddings(nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight.clone()))
+        encoder.config.vocab_size = int(weight.shape[0])
 
 
 def shapes_defaults(directory: str | Path = SHAPES_MODEL_DIR) -> dict[str, float | int]:
