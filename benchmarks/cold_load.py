@@ -197,7 +197,7 @@ class CachedFile:
         return (
             None
             if plan is None
-            else DirectLoad("bench", plan.ranks, plan.shapes, plan.nbytes, plan.read_into)
+            else DirectLoad("bench", plan.ranks, plan.shapes, plan.nbytes, plan.read_into, spans=plan.vector)
         )
 
 

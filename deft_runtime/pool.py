@@ -25,7 +25,10 @@ adapter's ranks and a function that reads its factors straight into given tensor
 registry reads its compiled file with ``preadv``). On a float32 CPU pool, a cold acquire then reserves
 the slot and contiguous pages, reads the file into the page rows with no lock held, and publishes the
 page tables: one read, no host copy and no second copy. Anything else (scattered pages, a short read,
-a source without it, CUDA) takes the copying path above.
+a source without it, CUDA) takes the copying path above. With :class:`ReadSpans` (the file's tensors in
+file order as arrays) the whole load is vectorised: free pages are numpy stacks (one row per layer),
+the page tables of every layer are one stacked array, and the read is one ``preadv`` per 1024 tensors
+of an iovec array computed in one pass, so no Python work runs per layer but the page-index mirror.
 
 **Locking.** ``_lock`` guards this pool's bookkeeping only and is a leaf: it is never held while calling
 the source (registry look-ups, disk reads, compilation) or any other component, so a slow or blocked
@@ -43,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from deft_runtime.compile import CompiledAdapter
@@ -83,6 +87,29 @@ class DirectLoad:
     nbytes: int
     read_into: Callable[[dict[str, tuple[Any, Any]]], bool]
     on_loaded: Callable[[float], None] = lambda seconds: None
+    #: the vectorised form of the same read (the pool prefers it): see :class:`ReadSpans`
+    spans: ReadSpans | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ReadSpans:
+    """A compiled file's tensors as arrays, so the pool plans a whole load with no per-layer Python.
+
+    ``layers`` (with their ``ranks``, ``d_out`` and ``d_in``, int64 arrays aligned with it) are the
+    adapter's layers; span ``k`` of the file (in file order, back to back) is the ``A`` (``span_is_a``)
+    or ``Bᵀ`` of ``layers[span_layer[k]]`` and holds ``span_bytes[k]`` bytes. ``read(iov)`` fills an
+    iovec array (uint64 ``[k, 2]``: address, length; one row per span, lengths equal to ``span_bytes``)
+    from the file and returns False when it could not (changed file, short read, I/O error).
+    """
+
+    layers: tuple[str, ...]
+    ranks: np.ndarray
+    d_out: np.ndarray
+    d_in: np.ndarray
+    span_layer: np.ndarray
+    span_is_a: np.ndarray
+    span_bytes: np.ndarray
+    read: Callable[[np.ndarray], bool]
 
 
 class StaticSource:
@@ -131,9 +158,42 @@ class _HostFactors:
 
 
 @dataclass
+class _Pages:
+    """One adapter's pages: in the layers at pool positions ``layers``, ``ranks[i]`` pages each, listed
+    ascending in ``ids[i, :ranks[i]]`` (``valid`` marks those entries; the rest is padding)."""
+
+    layers: np.ndarray  # int64 [n]
+    ranks: np.ndarray  # int64 [n]
+    ids: np.ndarray  # int64 [n, max rank]
+    valid: np.ndarray  # bool [n, max rank]
+
+    def run_starts(self) -> np.ndarray | None:
+        """The first page of every layer when each layer's pages are one ascending run, else None."""
+        steps = (self.ids[:, 1:] - self.ids[:, :-1] == 1) | ~self.valid[:, 1:]
+        return self.ids[:, 0] if bool(steps.all()) else None
+
+    def row(self, i: int) -> list[int]:
+        return self.ids[i, : self.ranks[i]].tolist()
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Where a direct load's factors go: pool positions and ranks of its layers; with a
+    :class:`ReadSpans`, per span of the file (``at``: its row in ``layers``) the address of its layer's
+    page row 0 (``base``), the bytes of one page row and the span's length."""
+
+    layers: np.ndarray
+    ranks: np.ndarray
+    at: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    base: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    row_bytes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    lengths: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+
+@dataclass
 class _Resident:
     slot: int
-    pages: dict[str, list[int]]  # layer → page ids
+    pages: _Pages
     nbytes: int
     version: str
     pins: int = 0
@@ -160,22 +220,31 @@ class AdapterPool:
             raise ValueError(
                 f"device budget {config.device_bytes} B is below one rank-1 page across all layers ({self.page_bytes} B)"
             )
+        self._names = tuple(layer_shapes)
+        self._position = {name: i for i, name in enumerate(self._names)}
+        self._dims = np.array([layer_shapes[n] for n in self._names], dtype=np.int64).reshape(-1, 2)
+        # every layer's page table and ranks are rows of one stacked tensor: vectorised publishing
+        n_layers, slots, max_rank = len(self._names), config.max_slots, config.max_rank
+        self._tables = torch.zeros(n_layers, slots, max_rank, dtype=torch.int32, device=config.device)
+        self._ranks = torch.zeros(n_layers, slots, dtype=torch.int32, device=config.device)
         self.layers = {
-            name: LayerPages.allocate(
-                d_in,
-                d_out,
-                self.num_pages,
-                config.max_slots,
-                config.max_rank,
-                dtype=config.dtype,
-                device=config.device,
+            name: LayerPages(
+                A=torch.zeros(self.num_pages, d_in, dtype=config.dtype, device=config.device),
+                B=torch.zeros(self.num_pages, d_out, dtype=config.dtype, device=config.device),
+                page_table=self._tables[i],
+                ranks=self._ranks[i],
+                page_index=[None] * slots,
             )
-            for name, (d_out, d_in) in layer_shapes.items()
+            for i, (name, (d_out, d_in)) in enumerate(layer_shapes.items())
         }
-        self._free_pages = {name: list(range(self.num_pages - 1, -1, -1)) for name in layer_shapes}
+        self._page_index = [lp.page_index for lp in self.layers.values()]
+        # free pages per layer: a stack in each row (top at ``_free_count``), popped in ascending order
+        self._free = np.tile(np.arange(self.num_pages - 1, -1, -1, dtype=np.int64), (n_layers, 1))
+        self._free_count = np.full(n_layers, self.num_pages, dtype=np.int64)
         self._free_slots = list(range(config.max_slots - 1, -1, -1))
         #: 0, 1, … num_pages-1 on the device: page-table rows of a contiguous run are a view of it
         self._page_numbers = torch.arange(self.num_pages, dtype=torch.int32, device=config.device)
+        self._fits: dict[int, tuple[ReadSpans, _Fit | None]] = {}  # per ReadSpans (held: ids stay unique)
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order, oldest first
         self._host: OrderedDict[str, _HostFactors] = OrderedDict()
         self._host_bytes = 0
@@ -192,12 +261,12 @@ class AdapterPool:
         self._host_pages = (
             {n: (lp.A.numpy(), lp.B.numpy()) for n, lp in self.layers.items()} if self._direct else {}
         )
-        self._page_numbers_np: Any = self._page_numbers.numpy() if self._direct else None
-        self._host_tables = (
-            {n: (lp.page_table.numpy(), lp.ranks.numpy()) for n, lp in self.layers.items()}
-            if self._direct
-            else {}
-        )
+        self._tables_np: Any = self._tables.numpy() if self._direct else None
+        self._ranks_np: Any = self._ranks.numpy() if self._direct else None
+        if self._direct:  # where each layer's page rows start, and their bytes, for iovec arrays
+            pages = list(self.layers.values())
+            self._row_ptr = np.array([[lp.A.data_ptr(), lp.B.data_ptr()] for lp in pages], dtype=np.int64)
+            self._row_bytes = self._dims[:, ::-1] * 4  # (d_in, d_out) × float32
 
     # ------------------------------------------------------------------ public API
 
@@ -272,6 +341,11 @@ class AdapterPool:
     def resident_nbytes(self, name: str) -> int:
         return self._resident[name].nbytes
 
+    def free_pages(self) -> dict[str, int]:
+        """Free pages per layer."""
+        with self._lock:
+            return dict(zip(self._names, self._free_count.tolist(), strict=True))
+
     # ------------------------------------------------------------------ tiers
 
     def _pin(self, name: str) -> None:
@@ -293,76 +367,123 @@ class AdapterPool:
             self._remember_host(name, host)
             if self._pin_resident(name, host.version, count=False):  # made resident by another thread
                 return
-            need = {layer: int(a.shape[0]) for layer, a in host.A.items()}
-            self._make_room(name, need)
-            self._copy_to_device(name, host, need).pins += 1
+            layers = np.array([self._position[layer] for layer in host.A], dtype=np.int64)
+            ranks = np.array([a.shape[0] for a in host.A.values()], dtype=np.int64)
+            self._make_room(name, layers, ranks)
+            self._copy_to_device(name, host, layers, ranks).pins += 1
 
     def _pin_direct(self, name: str) -> bool:
         """The one-read cold load (module docstring); False when the copying path must run instead."""
         offer: DirectLoad | None = self.source.direct_load(name)  # type: ignore[attr-defined]
-        if offer is None or not self._fits_layers(offer):
+        fit = None if offer is None else self._fit(offer)
+        if offer is None or fit is None:
             return False
-        need = dict(offer.ranks)
         with self._lock:
             if self._pin_resident(name, offer.version, count=False):
                 return True
-            self._make_room(name, need)
-            slot, pages = self._reserve(need)
-        maybe_runs = {layer: _as_slice(ids) for layer, ids in pages.items()}
-        runs = {layer: run for layer, run in maybe_runs.items() if run is not None}
+            self._make_room(name, fit.layers, fit.ranks)
+            slot, pages = self._reserve(fit.layers, fit.ranks)
+        starts = pages.run_starts()
         done = False
         try:
-            if len(runs) == len(maybe_runs):  # every layer's pages are one ascending run
-                start = time.perf_counter()
-                pages_np = self._host_pages
-                dests = {
-                    layer: (pages_np[layer][0][run], pages_np[layer][1][run]) for layer, run in runs.items()
-                }
-                done = offer.read_into(dests)
+            if starts is not None:  # every layer's pages are one ascending run
+                begin = time.perf_counter()
+                done = self._read_direct(offer, fit, starts)
                 if done:
-                    offer.on_loaded(time.perf_counter() - start)
+                    offer.on_loaded(time.perf_counter() - begin)
         finally:
             with self._lock:
                 if not done or self._pin_resident(name, offer.version, count=False):  # lost a race: theirs
                     self._unreserve(slot, pages)
                 else:
-                    self._publish(name, offer, slot, pages, runs)
+                    assert starts is not None
+                    self._publish(name, offer, slot, pages, starts)
         return done
 
-    def _fits_layers(self, offer: DirectLoad) -> bool:
-        """Whether every layer of the offer is wrapped here with the same shape and a rank within bounds
-        (else the copying path raises the precise error)."""
-        return all(
-            self.layer_shapes.get(layer) == tuple(offer.shapes[layer]) and 0 < r <= self.config.max_rank
-            for layer, r in offer.ranks.items()
-        )
+    def _read_direct(self, offer: DirectLoad, fit: _Fit, starts: np.ndarray) -> bool:
+        """Read the offer's file into the reserved page runs (no lock held)."""
+        spans = offer.spans
+        if spans is None:  # a source without the vectorised plan: one numpy view per tensor
+            host, names = self._host_pages, self._names
+            dests = {}
+            for i, start, r in zip(fit.layers.tolist(), starts.tolist(), fit.ranks.tolist(), strict=True):
+                a, bt = host[names[i]]
+                dests[names[i]] = (a[start : start + r], bt[start : start + r])
+            return offer.read_into(dests)
+        iov = np.empty((len(fit.at), 2), dtype=np.uint64)
+        iov[:, 0] = fit.base + starts[fit.at] * fit.row_bytes
+        iov[:, 1] = fit.lengths
+        return spans.read(iov)
 
-    def _reserve(self, need: Mapping[str, int]) -> tuple[int, dict[str, list[int]]]:
-        """Take a free slot and ``need[layer]`` free pages per layer (caller holds the lock)."""
+    def _fit(self, offer: DirectLoad) -> _Fit | None:
+        """Where the offer's factors go, when every layer of it is wrapped here with the same shape and a
+        rank within bounds (else None: the copying path raises the precise error). Worked out once per
+        :class:`ReadSpans` (sources cache their plans), so a load does no per-layer work for it."""
+        spans = offer.spans
+        if spans is None:
+            names = tuple(offer.ranks)
+            ranks = np.array(list(offer.ranks.values()), dtype=np.int64)
+            shapes = np.array([offer.shapes[n] for n in names], dtype=np.int64).reshape(-1, 2)
+            return self._fit_layers(names, ranks, shapes)
+        hit = self._fits.get(id(spans))
+        if hit is not None and hit[0] is spans:
+            return hit[1]
+        fit = self._fit_layers(spans.layers, spans.ranks, np.stack([spans.d_out, spans.d_in], axis=1))
+        if fit is not None:
+            at = spans.span_layer
+            if len(at) != len(spans.span_bytes) or bool(((at < 0) | (at >= len(fit.layers))).any()):
+                fit = None
+            else:  # span k of the file goes to the page rows of its layer and role (0: A, 1: Bᵀ)
+                layer, role = fit.layers[at], np.where(spans.span_is_a, 0, 1)
+                row_bytes = self._row_bytes[layer, role]
+                lengths = fit.ranks[at] * row_bytes
+                covered = np.zeros((len(fit.layers), 2), dtype=np.int64)
+                np.add.at(covered, (at, role), 1)
+                if np.array_equal(lengths, spans.span_bytes) and bool((covered == 1).all()):
+                    fit = _Fit(fit.layers, fit.ranks, at, self._row_ptr[layer, role], row_bytes, lengths)
+                else:
+                    fit = None
+        if len(self._fits) >= 256:
+            self._fits.clear()
+        self._fits[id(spans)] = (spans, fit)
+        return fit
+
+    def _fit_layers(self, names: tuple[str, ...], ranks: np.ndarray, shapes: np.ndarray) -> _Fit | None:
+        layers = np.array([self._position.get(layer, -1) for layer in names], dtype=np.int64)
+        if not len(layers) or bool((layers < 0).any()) or len(set(names)) != len(names):
+            return None
+        if not np.array_equal(self._dims[layers], shapes):
+            return None
+        if bool((ranks <= 0).any()) or bool((ranks > self.config.max_rank).any()):
+            return None
+        return _Fit(layers, ranks)
+
+    def _reserve(self, layers: np.ndarray, ranks: np.ndarray) -> tuple[int, _Pages]:
+        """Take a free slot and ``ranks[i]`` free pages in layer ``layers[i]`` (caller holds the lock)."""
         slot = self._free_slots.pop()
-        pages = {}
-        for layer, r in need.items():
-            free = self._free_pages[layer]  # popped from the end: ascending page numbers
-            pages[layer] = free[len(free) - r :][::-1]
-            del free[len(free) - r :]
-        return slot, pages
+        depth = np.arange(int(ranks.max()) if len(ranks) else 0)
+        top = self._free_count[layers][:, None] - 1 - depth  # stack positions, top first: ascending pages
+        valid = depth < ranks[:, None]
+        ids = np.where(valid, self._free[layers[:, None], np.maximum(top, 0)], -1)
+        self._free_count[layers] -= ranks
+        return slot, _Pages(layers, ranks, ids, valid)
 
-    def _unreserve(self, slot: int, pages: Mapping[str, list[int]]) -> None:
-        for layer, ids in pages.items():
-            self._free_pages[layer].extend(reversed(ids))
+    def _unreserve(self, slot: int, pages: _Pages) -> None:
+        """Give ``pages`` back (popped again in ascending order) and ``slot`` (caller holds the lock)."""
+        row, depth = np.nonzero(pages.valid)
+        layer = pages.layers[row]
+        self._free[layer, self._free_count[layer] + pages.ranks[row] - 1 - depth] = pages.ids[row, depth]
+        self._free_count[pages.layers] += pages.ranks
         self._free_slots.append(slot)
 
-    def _publish(
-        self, name: str, offer: DirectLoad, slot: int, pages: dict[str, list[int]], runs: Mapping[str, slice]
-    ) -> None:
+    def _publish(self, name: str, offer: DirectLoad, slot: int, pages: _Pages, starts: np.ndarray) -> None:
         """Make reserved, filled pages the resident copy of ``name``, pinned once (caller holds the lock)."""
-        for layer, run in runs.items():
-            lp = self.layers[layer]
-            table, ranks = self._host_tables[layer]  # numpy views of the CPU tables: no op dispatch
-            r = run.stop - run.start
-            table[slot, :r] = self._page_numbers_np[run]
-            lp.page_index[slot] = run
-            ranks[slot] = r
+        layers, ranks = pages.layers, pages.ranks
+        self._tables_np[layers, slot, : pages.ids.shape[1]] = np.maximum(pages.ids, 0)
+        self._ranks_np[layers, slot] = ranks
+        index = self._page_index
+        for i, start, r in zip(layers.tolist(), starts.tolist(), ranks.tolist(), strict=True):
+            index[i][slot] = slice(start, start + r)
         self._resident[name] = _Resident(slot=slot, pages=pages, nbytes=offer.nbytes, version=offer.version)
         self._resident[name].pins += 1
         self.stats.loads["device"] += 1
@@ -437,11 +558,9 @@ class AdapterPool:
         nbytes = sum(t.numel() * t.element_size() for t in (*A.values(), *Bt.values()))
         return _HostFactors(A=A, Bt=Bt, nbytes=nbytes, version=version)
 
-    def _make_room(self, name: str, need: Mapping[str, int]) -> None:
+    def _make_room(self, name: str, layers: np.ndarray, ranks: np.ndarray) -> None:
         def fits() -> bool:
-            return bool(self._free_slots) and all(
-                len(self._free_pages[layer]) >= r for layer, r in need.items()
-            )
+            return bool(self._free_slots) and bool((self._free_count[layers] >= ranks).all())
 
         while not fits():
             victim = next((n for n, r in self._resident.items() if r.pins == 0), None)
@@ -456,19 +575,20 @@ class AdapterPool:
 
     def _evict_device(self, name: str) -> None:
         res = self._resident.pop(name)
-        for layer, pages in res.pages.items():
-            lp = self.layers[layer]
-            lp.page_index[res.slot] = None
-            if self._direct:  # numpy views of the CPU tables (see _publish)
-                self._host_tables[layer][1][res.slot] = 0
-            else:
-                lp.ranks[res.slot] = 0
-            self._free_pages[layer].extend(reversed(pages))  # popped again in ascending order
-        self._free_slots.append(res.slot)
+        layers = res.pages.layers
+        for i in layers.tolist():
+            self._page_index[i][res.slot] = None
+        if self._direct:  # numpy views of the CPU tables (see _publish)
+            self._ranks_np[layers, res.slot] = 0
+        else:
+            self._ranks[torch.from_numpy(layers).to(self._ranks.device), res.slot] = 0
+        self._unreserve(res.slot, res.pages)
         self.stats.evictions["device"] += 1
 
-    def _copy_to_device(self, name: str, host: _HostFactors, need: Mapping[str, int]) -> _Resident:
-        slot, pages = self._reserve(need)
+    def _copy_to_device(
+        self, name: str, host: _HostFactors, layers: np.ndarray, ranks: np.ndarray
+    ) -> _Resident:
+        slot, pages = self._reserve(layers, ranks)
         stream = self._stream
         if stream is not None:
             # pages may have just been freed by an eviction: kernels already queued on the compute
@@ -476,8 +596,8 @@ class AdapterPool:
             stream.wait_stream(torch.cuda.current_stream(self.config.device))
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
-            for layer, ids in pages.items():
-                self._write_pages(self.layers[layer], slot, ids, host.A[layer], host.Bt[layer])
+            for i, layer in enumerate(host.A):
+                self._write_pages(self.layers[layer], slot, pages.row(i), host.A[layer], host.Bt[layer])
             event = None
             if stream is not None:
                 event = torch.cuda.Event()

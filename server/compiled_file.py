@@ -13,6 +13,7 @@ recompiles from the uploaded adapter).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from deft_runtime.compile import CompiledAdapter, LowRankFactors
+from deft_runtime.pool import ReadSpans
 
 #: ``format`` metadata value; files of older layouts (B, not Bt) are simply not ours any more
 COMPILED_FORMAT = "deft.compiled.v2"
@@ -145,6 +147,20 @@ class CompiledReadPlan:
             layer: (cols[(layer, "Bt")], cols[(layer, "A")]) for layer in self.ranks
         }  # (d_out, d_in)
         self.nbytes = sum(4 * s.rows * s.cols for s in spans)
+        layers = tuple(self.ranks)
+        position = {layer: i for i, layer in enumerate(layers)}
+        self._span_bytes = np.array([4 * s.rows * s.cols for s in spans], dtype=np.uint64)
+        #: the same plan as arrays, for the pool's vectorised load (:meth:`read_iov` reads it)
+        self.vector = ReadSpans(
+            layers=layers,
+            ranks=np.array([self.ranks[layer] for layer in layers], dtype=np.int64),
+            d_out=np.array([self.shapes[layer][0] for layer in layers], dtype=np.int64),
+            d_in=np.array([self.shapes[layer][1] for layer in layers], dtype=np.int64),
+            span_layer=np.array([position[s.layer] for s in spans], dtype=np.int64),
+            span_is_a=np.array([s.role == "A" for s in spans], dtype=bool),
+            span_bytes=self._span_bytes.astype(np.int64),
+            read=self.read_iov,
+        )
 
     def read_into(self, dests: dict[str, tuple[Any, Any]]) -> bool:
         """Read every layer's ``A`` into ``dests[layer][0]`` and ``Bᵀ`` into ``dests[layer][1]``: numpy
@@ -170,9 +186,54 @@ class CompiledReadPlan:
             return False
         return True
 
+    def read_iov(self, iov: np.ndarray) -> bool:
+        """Read the file's tensors, in file order, into the buffers of an iovec array (uint64 ``[k, 2]``:
+        address, length; one row per tensor, each length exactly that tensor's bytes). The caller owns
+        the addresses (the pool computes them from its own page buffers); this checks that the lengths
+        describe this file, so exactly its bytes land, and returns False when it changed size since
+        the plan or a read came short."""
+        if iov.dtype != np.uint64 or iov.shape != (len(self.spans), 2) or not iov.flags.c_contiguous:
+            return False
+        if _preadv is None or not bool((iov[:, 1] == self._span_bytes).all()):
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+        try:
+            if os.fstat(fd).st_size != self.size:
+                return False
+            offset, end = self.data_start, self.size
+            for i in range(0, len(iov), _IOV_MAX):
+                chunk = iov[i : i + _IOV_MAX]
+                want = end - offset if i + _IOV_MAX >= len(iov) else int(chunk[:, 1].sum())
+                if _preadv(fd, chunk.ctypes.data, len(chunk), offset) != want:
+                    return False
+                offset += want
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
 
 #: buffers per ``preadv`` call (Linux's IOV_MAX)
 _IOV_MAX = 1024
+
+
+def _libc_preadv() -> Any:
+    """libc's ``preadv`` taking an iovec array's address (``os.preadv`` wants one Python buffer per
+    tensor), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).preadv
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_preadv = _libc_preadv()
 
 
 def plan_compiled_read(path: Path) -> tuple[CompiledReadPlan, dict[str, str]] | None:

@@ -169,7 +169,9 @@ class AdapterRegistry:
         plan = self.cache.plan_compiled(record.sha256, self.base_digest)
         if plan is None:
             return None
-        return DirectLoad(record.sha256, plan.ranks, plan.shapes, plan.nbytes, plan.read_into, self.on_load)
+        return DirectLoad(
+            record.sha256, plan.ranks, plan.shapes, plan.nbytes, plan.read_into, self.on_load, plan.vector
+        )
 
     def load_compiled(self, name: str) -> CompiledAdapter:
         return self.load(name)[1]

@@ -145,6 +145,37 @@ def test_a_read_plan_fills_given_arrays_exactly_as_read_compiled_reads(tmp_path)
     assert not plan.read_into(dests)  # the file changed size since the plan
 
 
+def test_the_vectorised_plan_fills_an_iovec_array_of_buffers_and_checks_every_length(tmp_path):
+    import numpy as np
+    from deft_server.compiled_file import plan_compiled_read
+
+    c = compiled(rank=3)
+    path = write(tmp_path / "a.safetensors", c)
+    plan, _ = plan_compiled_read(path)
+    spans = plan.vector
+    assert spans.layers == tuple(SHAPES) and spans.ranks.tolist() == [3, 3]
+    assert spans.d_out.tolist() == [o for o, _ in SHAPES.values()]
+    assert spans.d_in.tolist() == [i for _, i in SHAPES.values()]
+    assert int(spans.span_bytes.sum()) == plan.nbytes and len(spans.span_layer) == 4
+    dests = []  # one buffer per span, in file order, as the spans describe them
+    for layer, is_a in zip(spans.span_layer.tolist(), spans.span_is_a.tolist(), strict=True):
+        d_out, d_in = SHAPES[spans.layers[layer]]
+        dests.append(((spans.layers[layer], is_a), np.full((3, d_in if is_a else d_out), np.nan, np.float32)))
+    iov = np.array([[d.ctypes.data, d.nbytes] for _, d in dests], dtype=np.uint64)
+    assert spans.read(iov)
+    factors, _ = read_compiled(path)
+    for (layer, is_a), d in dests:
+        want = factors[layer].A if is_a else factors[layer].B.T
+        assert np.array_equal(d, want.numpy())
+    longer = iov.copy()
+    longer[0, 1] += 4  # a length that is not the tensor's: refused before reading
+    assert not spans.read(longer)
+    assert not spans.read(iov[:-1].copy())  # one buffer short
+    assert not spans.read(iov.astype(np.int64))
+    path.write_bytes(path.read_bytes()[:-4])
+    assert not spans.read(iov)  # the file changed size since the plan
+
+
 @pytest.mark.parametrize(
     "damage", ["truncated", "empty", "offset past the end", "dtype", "gap", "Bt missing", "not json"]
 )

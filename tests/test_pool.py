@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -275,10 +276,10 @@ class FileSource:
     """Compiled adapters in a LocalCache, offered as the server's registry offers them: ``direct_load``
     (the one-read path) and ``load`` (the copying path); counts what the pool used."""
 
-    def __init__(self, root, compiled: dict, *, fail_read: str | None = None) -> None:
+    def __init__(self, root, compiled: dict, *, fail_read: str | None = None, vector: bool = True) -> None:
         from deft_server.local_cache import LocalCache
 
-        self.cache, self.fail_read = LocalCache(root), fail_read
+        self.cache, self.fail_read, self.vector = LocalCache(root), fail_read, vector
         self.calls = {"direct": 0, "load": 0}
         for name, c in compiled.items():
             self.cache.save_compiled(self.sha(name), "base", c)
@@ -299,7 +300,7 @@ class FileSource:
 
         self.calls["direct"] += 1
         plan = self.cache.plan_compiled(self.sha(name), "base")
-        read = plan.read_into
+        read, spans = plan.read_into, plan.vector
         if self.fail_read == "short":
             read = lambda dests: False  # noqa: E731 - a read that came short
         elif self.fail_read == "raise":
@@ -307,7 +308,12 @@ class FileSource:
             def read(dests):
                 raise OSError(5, "Input/output error")
 
-        return DirectLoad(self.sha(name), plan.ranks, plan.shapes, plan.nbytes, read)
+        if self.fail_read == "lengths":  # a plan whose spans do not match its ranks
+            spans = dataclasses.replace(spans, span_bytes=spans.span_bytes + 4)
+        elif self.fail_read:
+            spans = dataclasses.replace(spans, read=read)  # the same failure, for the vectorised read
+        vector = spans if self.vector else None
+        return DirectLoad(self.sha(name), plan.ranks, plan.shapes, plan.nbytes, read, spans=vector)
 
 
 def pools_with_and_without_direct(tmp_path, budget_pages=12, **source_kw):
@@ -336,8 +342,9 @@ def pages_of(pool: AdapterPool, name: str) -> dict:
     return out
 
 
-def test_a_cold_load_reads_the_file_straight_into_the_pages(tmp_path):
-    direct, copying, source = pools_with_and_without_direct(tmp_path)
+@pytest.mark.parametrize("vector", [True, False], ids=["iovec-array", "per-tensor-views"])
+def test_a_cold_load_reads_the_file_straight_into_the_pages(tmp_path, vector):
+    direct, copying, source = pools_with_and_without_direct(tmp_path, vector=vector)
     for pool in (direct, copying):
         pool.acquire(["a", "b", "c"])
     assert source.calls == {"direct": 3, "load": 0}  # no host copy, no second copy
@@ -356,8 +363,9 @@ def test_a_cold_load_reads_the_file_straight_into_the_pages(tmp_path):
     assert source.calls["direct"] == 4 and pages_of(direct, "a")["to_k"][0] == 2
 
 
-def test_scattered_pages_short_reads_and_failing_reads_take_the_copying_path(tmp_path):
-    direct, copying, source = pools_with_and_without_direct(tmp_path, budget_pages=9)
+@pytest.mark.parametrize("vector", [True, False], ids=["iovec-array", "per-tensor-views"])
+def test_scattered_pages_short_reads_and_failing_reads_take_the_copying_path(tmp_path, vector):
+    direct, copying, source = pools_with_and_without_direct(tmp_path, budget_pages=9, vector=vector)
     direct.acquire(["a", "b"])  # pages 0-1 and 2-4 in every layer
     direct.release(["a"])
     direct.evict("a")
@@ -368,15 +376,20 @@ def test_scattered_pages_short_reads_and_failing_reads_take_the_copying_path(tmp
         torch.equal(x, y)
         for x, y in zip(pages_of(direct, "c")["to_q"][1:], pages_of(copying, "c")["to_q"][1:], strict=True)
     )
-    free = {layer: len(pages) for layer, pages in direct._free_pages.items()}
+    free = direct.free_pages()
 
-    short, _, short_source = pools_with_and_without_direct(tmp_path / "short", fail_read="short")
-    short.acquire(["b"])
-    assert short_source.calls == {"direct": 1, "load": 1} and short.is_resident("b")
-    failing, _, _ = pools_with_and_without_direct(tmp_path / "raise", fail_read="raise")
-    before = {layer: len(pages) for layer, pages in failing._free_pages.items()}
+    for fail in ("short", "lengths") if vector else ("short",):
+        short, short_copying, short_source = pools_with_and_without_direct(
+            tmp_path / fail, fail_read=fail, vector=vector
+        )
+        short.acquire(["b"])
+        assert short_source.calls == {"direct": 1, "load": 1} and short.is_resident("b")
+        short_copying.acquire(["b"])
+        assert torch.equal(pages_of(short, "b")["to_k"][2], pages_of(short_copying, "b")["to_k"][2])
+    failing, _, _ = pools_with_and_without_direct(tmp_path / "raise", fail_read="raise", vector=vector)
+    before = failing.free_pages()
     with pytest.raises(OSError, match="Input/output error"):
         failing.acquire(["b"])
-    assert {layer: len(p) for layer, p in failing._free_pages.items()} == before  # reservation returned
+    assert failing.free_pages() == before  # reservation returned
     assert not failing.is_resident("b") and len(failing._free_slots) == 8
-    assert free == {layer: len(pages) for layer, pages in direct._free_pages.items()}
+    assert free == direct.free_pages()
