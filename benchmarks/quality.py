@@ -375,9 +375,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     name = args.out or ("quality-quick" if args.quick else "quality")
     if args.from_runs is not None:
         return from_runs(args, name)
-    args.results_dir.mkdir(
-        parents=True, exist_ok=True
-    )  # the grid is saved before run_suite writes the report
+    # the grid is saved before run_suite writes the report (and makes the folder)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     grid = args.results_dir / f"{name}-grid.png"
     return run_suite(
         "quality",

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
+    before = len(pipe.tokenizer)
     initial = build_shapes_sdxl(args.seed)
     scales = [
         unused_token_scale(t.get_input_embeddings().weight.detach(), i.get_input_embeddings().weight.detach())
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     add_reserved_embeddings(pipe, args.seed, scale=scales[0])
     for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
         getattr(pipe, name).save_pretrained(args.model / name)
-    print(f"added {len(pipe.tokenizer) - 602} reserved token(s) at scale {scales[0]:.6f} to {args.model}")
+    print(f"added {len(pipe.tokenizer) - before} reserved token(s) at scale {scales[0]:.6f} to {args.model}")
 
 
 if __name__ == "__main__":

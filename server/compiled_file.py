@@ -203,10 +203,10 @@ class CompiledReadPlan:
         try:
             if os.fstat(fd).st_size != self.size:
                 return False
-            offset, end = self.data_start, self.size
+            offset = self.data_start
             for i in range(0, len(iov), _IOV_MAX):
                 chunk = iov[i : i + _IOV_MAX]
-                want = end - offset if i + _IOV_MAX >= len(iov) else int(chunk[:, 1].sum())
+                want = int(chunk[:, 1].sum())
                 if _preadv(fd, chunk.ctypes.data, len(chunk), offset) != want:
                     return False
                 offset += want
