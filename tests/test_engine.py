@@ -488,3 +488,17 @@ def test_drain_finishes_admitted_requests_and_refuses_new_ones(sdxl_adapters):
 def test_pipelines_of_both_families_are_real_diffusers_classes():
     assert isinstance(build_tiny_sdxl(0), StableDiffusionXLPipeline)
     assert isinstance(build_tiny_omnigen(0), OmniGenPipeline)
+
+
+def test_an_adapter_request_starts_when_its_load_lands_not_after_the_idle_wait(sdxl_adapters):
+    """The engine sleeps ``idle_wait_s`` when nothing can run, and a request whose adapter is still
+    loading cannot run. With a 60 s idle wait the request must still finish within the 30 s it is
+    given: the landed load wakes the engine (liveness, not a timing: without the wake-up it waits 60 s)."""
+    engine = serving_engine(build_tiny_sdxl(0), sdxl_adapters, idle_wait_s=60.0)
+    try:
+        request = GenerationRequest(
+            prompt="a dog", seed=0, num_inference_steps=2, width=64, height=64, adapters=(("dog", 1.0),)
+        )
+        assert len(engine.generate(request, timeout=30).images) == 1
+    finally:
+        engine.shutdown()

@@ -104,6 +104,30 @@ def test_release_while_loading_drops_the_pins_when_the_load_lands(loader):
     assert pool.pins == {"a": 0}
 
 
+def test_every_landed_load_wakes_the_engine_once_it_is_done(loader):
+    """``on_landed`` (the engine's wake-up) fires after each load, retries included, and only once the
+    future is done: a woken engine that polls finds the lease landed (it does not wait out its idle
+    timeout for a request whose adapters are ready)."""
+    pool = ScriptedPool(errors=[PoolExhausted("full")])
+    pool.gate.clear()
+    landed: list[bool] = []
+    woken = threading.Event()
+
+    def on_landed() -> None:
+        landed.append(lease.poll(may_retry=True) is not LeaseState.IDLE)
+        woken.set()
+
+    lease = AdapterLease(pool, loader, ["a"], retry_wait_s=0.0, on_landed=on_landed)
+    lease.acquire()
+    assert not woken.is_set()  # the load is still blocked
+    pool.gate.set()
+    assert woken.wait(10)
+    assert settle(lease, may_retry=True, until=LeaseState.READY) is LeaseState.READY
+    loader.submit(lambda: None).result(10)
+    assert len(landed) == 2  # the first load (PoolExhausted) and its retry each woke the engine
+    assert lease.state is LeaseState.READY
+
+
 def test_all_finite_flags_each_tensor():
     import torch
 

@@ -312,3 +312,37 @@ def test_other_diffusers_denoisers_work_by_the_same_mechanism(build):
         torch.testing.assert_close(mixed[i], expected, atol=5e-5, rtol=1e-4)
         if pairs:
             assert (expected - forward(base, inputs)[i]).abs().max() > 1e-4
+
+
+def test_torch_backend_restacks_pages_when_an_adapter_is_swapped_into_the_same_slot():
+    """The torch backend keeps each layer's stacked pages between forwards of one tiling
+    (:class:`~deft_runtime.ops.torch_ops.StackCache`). Re-registering an adapter reloads it into the same
+    slot with the same mapping, so the backend skips re-planning, yet the next forward must use the new
+    weights: it equals a fresh model serving them, and the stale stacks are not reused."""
+    _, mam, inputs = make_model("sdxl", "torch", 4)
+    shapes = {n: tuple(w.shape) for n, w in mam.base_weights.items()}
+    old, new, other = (random_adapter(AdapterKind.LORA, shapes, rank=2, seed=s, scale=0.5) for s in (1, 2, 3))
+    mam.register("a", old)
+    mam.register("b", other)
+    rows = [[("a", 1.0)], [("a", 1.0)], [("b", 1.0)], [("b", 1.0)]]  # tiles: one slot per pair of rows
+    stacks = mam.ops.stacks
+    with mam.rows(rows):
+        first = forward(mam.denoiser, inputs)
+        misses = stacks.misses
+        again = forward(mam.denoiser, inputs)
+    assert stacks.hits >= len(mam.layers) and stacks.misses == misses  # the second forward reused all
+    assert torch.equal(first, again)
+    slot, updates = mam.pool.slot_of("a"), mam.ops.metadata_updates
+    mam.register("a", new)  # evicts the old copy; the next acquire loads the new one
+    with mam.rows(rows):
+        assert mam.pool.slot_of("a") == slot
+        swapped = forward(mam.denoiser, inputs)
+    assert mam.ops.metadata_updates == updates  # the same mapping: nothing re-planned
+    _, fresh, _ = make_model("sdxl", "torch", 4)
+    fresh.register("a", new)
+    fresh.register("b", other)
+    with fresh.rows(rows):
+        expected = forward(fresh.denoiser, inputs)
+    torch.testing.assert_close(swapped, expected, atol=1e-6, rtol=1e-6)
+    assert (swapped[:2] - first[:2]).abs().max() > 1e-3  # the new adapter really differs
+    torch.testing.assert_close(swapped[2:], first[2:], atol=1e-6, rtol=1e-6)

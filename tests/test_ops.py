@@ -594,3 +594,33 @@ def test_cuda_graph_replay_equals_eager_across_adapter_swaps() -> None:
 @needs_cuda
 def test_compile_swaps_adapters_without_recompiling_cuda() -> None:
     swaps_without_recompiling(torch.device("cuda"), "inductor")
+
+
+def test_stack_cache_reuses_a_layers_stacks_within_its_budget() -> None:
+    """One entry per layer, reused while the slots' page-index objects are unchanged; a stack that
+    would exceed the byte budget is used once and not kept; results equal the uncached path."""
+    from deft_runtime.ops.torch_ops import StackCache, tiled_add_adapters
+
+    pool = build_pool(24, 40, [8, 8, 8, 8], seed=9)
+    rows: list[RowAdapters] = [[(s, 0.5)] for s in range(4) for _ in range(2)]
+    x, y = random_xy(len(rows), 6, 24, 40, torch.float32, seed=9)
+    ops = TorchOps()
+    AdapterBatch(len(rows), 1, backend=ops).set(rows)
+    assert ops.tiling is not None
+    plain = y.clone()
+    assert tiled_add_adapters(plain, x, pool.pages, ops.tiling)
+    stack_bytes = 4 * 8 * (24 + 40) * 4
+    for budget, kept in ((stack_bytes, True), (stack_bytes - 1, False)):
+        cache = StackCache(budget)
+        outs = [y.clone(), y.clone()]
+        for out in outs:
+            assert tiled_add_adapters(out, x, pool.pages, ops.tiling, cache)
+            assert torch.equal(out, plain)
+        assert (cache.hits, cache.misses, cache.nbytes) == ((1, 1, stack_bytes) if kept else (0, 2, 0))
+    cache = StackCache()
+    tiled_add_adapters(y.clone(), x, pool.pages, ops.tiling, cache)
+    index = pool.pages.page_index[2]
+    assert isinstance(index, torch.Tensor)
+    pool.pages.page_index[2] = index.clone()  # republished: equal pages, a new index object
+    tiled_add_adapters(y.clone(), x, pool.pages, ops.tiling, cache)
+    assert (cache.hits, cache.misses) == (0, 2)

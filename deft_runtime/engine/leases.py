@@ -10,15 +10,17 @@
                                         when it lands
 
 ``pool.acquire`` may block (registry look-ups, disk reads, compilation), so it runs on the engine's
-loader thread; everything else runs on the engine thread. The pool's own lock is a leaf (see
-:mod:`deft_runtime.pool`), so a lease never holds a lock while calling out.
+loader thread; everything else runs on the engine thread. When a load lands, ``on_landed`` (the
+engine's wake-up) is called from the loader thread, so the engine starts the request at once instead of
+finding it ready after its idle wait. The pool's own lock is a leaf (see :mod:`deft_runtime.pool`), so
+a lease never holds a lock while calling out.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -46,12 +48,19 @@ class AdapterLease:
     """Pins of one request's adapters (engine thread; the acquire itself runs on ``loader``)."""
 
     def __init__(
-        self, pool: PinPool, loader: cf.Executor, names: Sequence[str], *, retry_wait_s: float
+        self,
+        pool: PinPool,
+        loader: cf.Executor,
+        names: Sequence[str],
+        *,
+        retry_wait_s: float,
+        on_landed: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
         self.loader = loader
         self.names = list(names)
         self.retry_wait_s = retry_wait_s
+        self.on_landed = on_landed
         self.state = LeaseState.IDLE
         self.error: BaseException | None = None
         self._loading: cf.Future[Any] | None = None
@@ -62,8 +71,15 @@ class AdapterLease:
         if not self.names:  # nothing to load: ready now, not after a round trip to the loader thread
             self.state = LeaseState.PINNED
             return
-        self._loading = self.loader.submit(self.pool.acquire, self.names)
+        self._loading = self._submit(self.pool.acquire, self.names)
         self.state = LeaseState.LOADING
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        fut = self.loader.submit(fn, *args)
+        if self.on_landed is not None:
+            on_landed = self.on_landed
+            fut.add_done_callback(lambda _: on_landed())  # runs once the future is done
+        return fut
 
     def poll(self, *, may_retry: bool) -> LeaseState:
         """Advance as far as possible without blocking; ``may_retry``: others hold pins that will free."""
@@ -82,7 +98,7 @@ class AdapterLease:
         if error is None:
             self.state = LeaseState.PINNED
         elif isinstance(error, PoolExhausted) and may_retry:
-            self._loading = self.loader.submit(self._retry)  # room frees up as running requests finish
+            self._loading = self._submit(self._retry)  # room frees up as running requests finish
         else:
             self.state, self.error = LeaseState.FAILED, error
 

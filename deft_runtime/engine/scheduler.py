@@ -265,7 +265,11 @@ class RequestScheduler:
         for r in out.prepared:
             if r in self._pending:  # not cancelled meanwhile
                 r.lease = AdapterLease(
-                    self.pool, self.loader, r.adapter_names, retry_wait_s=self.retry_wait_s
+                    self.pool,
+                    self.loader,
+                    r.adapter_names,
+                    retry_wait_s=self.retry_wait_s,
+                    on_landed=self.wake.set,
                 )
                 r.lease.acquire()
         for r in out.not_finite:

@@ -93,7 +93,65 @@ def _rank(index: slice | torch.Tensor) -> int:
     return index.stop - index.start if isinstance(index, slice) else int(index.numel())
 
 
-def tiled_add_adapters(y: torch.Tensor, x: torch.Tensor, pages: LayerPages, tiling: Tiling) -> bool:
+class StackCache:
+    """Each layer's stacked ``A`` and ``B`` of a :class:`Tiling`'s slots, kept between forwards.
+
+    Consecutive steps of the same requests reuse one tiling, and stacking its slots' pages (two copies
+    per layer) would otherwise be redone in every layer of every forward. An entry is valid while the
+    layer's ``page_index`` entries for those slots are the very objects it was stacked from: the pool
+    publishes a new index object whenever it writes a slot's pages, clears it on eviction, and never
+    rewrites the pages of a published slot. So an adapter reloaded into the same slot and pages (equal
+    slices, new objects) misses. Entries hold references to their index objects, so identity cannot be
+    confused by a recycled ``id``. One entry per layer, within ``budget_bytes`` in all (a stack that
+    would exceed it is used once and not kept: large layers' stacks are cheap next to their matmuls).
+    """
+
+    def __init__(self, budget_bytes: int = 64 << 20) -> None:
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: dict[
+            int, tuple[LayerPages, tuple[slice | torch.Tensor, ...], torch.Tensor, torch.Tensor]
+        ] = {}
+
+    def get(
+        self, pages: LayerPages, indices: tuple[slice | torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(stack(A[p_u]), stack(B[p_u]))`` for ``indices`` (one page index per slot, equal ranks)."""
+        entry = self._entries.get(id(pages))
+        if (
+            entry is not None
+            and entry[0] is pages
+            and len(entry[1]) == len(indices)
+            and all(a is b for a, b in zip(entry[1], indices, strict=True))
+        ):
+            self.hits += 1
+            return entry[2], entry[3]
+        self.misses += 1
+        A = torch.stack([pages.A[index] for index in indices])
+        B = torch.stack([pages.B[index] for index in indices])
+        if entry is not None:
+            del self._entries[id(pages)]
+            self.nbytes -= _nbytes(entry[2], entry[3])
+        size = _nbytes(A, B)
+        if self.nbytes + size <= self.budget_bytes:
+            self._entries[id(pages)] = (pages, indices, A, B)
+            self.nbytes += size
+        return A, B
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def tiled_add_adapters(
+    y: torch.Tensor, x: torch.Tensor, pages: LayerPages, tiling: Tiling, stacks: StackCache | None = None
+) -> bool:
     """:func:`segmented_add_adapters` for a :class:`Tiling`, as two batched matmuls; False (nothing
     done) when this layer's pages do not allow it (a slot untargeted here, ranks that differ).
 
@@ -102,16 +160,20 @@ def tiled_add_adapters(y: torch.Tensor, x: torch.Tensor, pages: LayerPages, tili
         A, B = stack(pages.A[p_u]), stack(pages.B[p_u])          # [U, r, d_in], [U, r, d_out]
         v = x[rows].view(U, n·T, d_in) @ A.T * weights              # [U, n·T, r]
         y[rows].view(U, n·T, d_out) += v @ B
+
+    With ``stacks`` the two stacks come from (and go to) a :class:`StackCache`.
     """
     if x.dim() != 3 or not (x.is_contiguous() and y.is_contiguous()):
         return False
-    indices = [pages.page_index[slot] for slot in tiling.slots]
-    if any(index is None for index in indices):
+    found = [pages.page_index[slot] for slot in tiling.slots]
+    indices = tuple(index for index in found if index is not None)
+    if len(indices) != len(found) or len({_rank(index) for index in indices}) != 1:
         return False
-    if len({_rank(index) for index in indices if index is not None}) != 1:
-        return False
-    A = torch.stack([pages.A[index] for index in indices if index is not None])
-    B = torch.stack([pages.B[index] for index in indices if index is not None])
+    if stacks is not None:
+        A, B = stacks.get(pages, indices)
+    else:
+        A = torch.stack([pages.A[index] for index in indices])
+        B = torch.stack([pages.B[index] for index in indices])
     u, tokens = len(tiling.slots), tiling.n * x.shape[1]
     v = torch.bmm(x[tiling.start : tiling.stop].view(u, tokens, -1), A.transpose(1, 2))
     if tiling.weights is not None:
@@ -186,7 +248,9 @@ class TorchOps(AdapterOps):
 
     When the segments tile a block of rows (:class:`Tiling`: the usual one-adapter-per-request batch),
     a layer whose slots share one rank runs two batched matmuls for all of them instead of two per slot:
-    the per-op overhead of many small matmuls is what the adapter layers cost on a CPU."""
+    the per-op overhead of many small matmuls is what the adapter layers cost on a CPU. Each layer's
+    stacked pages are kept (:class:`StackCache`) while its slots stay published, so the next steps of
+    the same requests skip the stacking."""
 
     name: ClassVar[str] = "torch"
 
@@ -196,6 +260,8 @@ class TorchOps(AdapterOps):
         self.tiling: Tiling | None = None
         self._weights = torch.empty(0)
         self._host_weights = torch.empty(0)
+        #: tiled layers' stacked pages, reused across the forwards of one tiling
+        self.stacks = StackCache()
 
     def allocate(self, batch: AdapterBatch) -> None:
         # every (row, pair) lands in exactly one run, so max_rows·K weights always fit
@@ -224,7 +290,7 @@ class TorchOps(AdapterOps):
         self, y: torch.Tensor, x: torch.Tensor, pages: LayerPages, batch: AdapterBatch
     ) -> torch.Tensor:
         self.check_prepared(batch)
-        if self.tiling is not None and tiled_add_adapters(y, x, pages, self.tiling):
+        if self.tiling is not None and tiled_add_adapters(y, x, pages, self.tiling, self.stacks):
             return y
         return segmented_add_adapters(y, x, pages, self.segments)
 
