@@ -256,6 +256,7 @@ def instrumented(engine: Engine, device: torch.device = torch.device("cpu")) -> 
         (family, "denoiser_inputs", "input assembly"),
         (family, "guide", "guidance"),
         (family, "step", "step (with guidance)"),
+        (family, "step_many", "step (with guidance)"),
         (runner_module, "all_finite", "NaN checks"),
         (engine.previewer, "preview", "previews"),
         (runner, "_prepare", "encode + setup"),

@@ -192,7 +192,20 @@ def test_a_request_prepares_the_backend_metadata_once_for_all_its_steps(sdxl_eng
     assert ops.metadata_updates - before == 1
 
 
-def test_second_scheduler_matches_diffusers(sdxl_adapters):
+def test_second_scheduler_matches_diffusers(sdxl_adapters, monkeypatch):
+    """DPM-Solver++ requests sharing forwards step together (deft_runtime.engine.batched_steps); their
+    images still equal diffusers' own pipeline's."""
+    import deft_runtime.engine.families as families
+
+    batched: list[int] = []
+
+    def counted(schedulers, *args):
+        batched.append(len(schedulers))
+        return real(schedulers, *args)
+
+    real = families.dpm_solver_step
+    monkeypatch.setattr(families, "dpm_solver_step", counted)
+
     def dpm_pipe(seed):
         pipe = build_tiny_sdxl(seed)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -209,6 +222,7 @@ def test_second_scheduler_matches_diffusers(sdxl_adapters):
         results = [h.result(120) for h in handles]
     finally:
         engine.shutdown()
+    assert batched and max(batched) == 2  # both requests' steps ran as one batched step
     ref0 = reference_image(dpm_pipe, sdxl_adapters["dog"], prompt="a dog", num_inference_steps=6, seed=5)
     ref1 = reference_image(dpm_pipe, None, prompt="a tree", num_inference_steps=4, seed=6)
     assert np.abs(as_array(results[0].images) - ref0).max() <= TOL

@@ -21,6 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from deft_runtime.engine.batched_steps import batchable, dpm_solver_step
 from deft_runtime.engine.conditioning import (
     SourceImage,
     check_sdxl_images,
@@ -156,12 +157,39 @@ class ModelFamily(ABC):
 
     def step(self, state: StepState, prediction: torch.Tensor) -> None:
         """Advance the request's scheduler by one step (``prediction`` = its rows of the output)."""
-        guided = self.guide(state, prediction)
+        self._advance(state, self.guide(state, prediction))
+
+    def step_many(self, states: Sequence[StepState], predictions: Sequence[torch.Tensor]) -> None:
+        """:meth:`step` for every request of one forward. Requests whose schedulers
+        :mod:`.batched_steps` computes exactly (DPM-Solver++ on float32 latents) step together in a few
+        batched operations; the others each call their own scheduler."""
+        guided = [self.guide(s, p) for s, p in zip(states, predictions, strict=True)]
+        together = [i for i, s in enumerate(states) if batchable(s.scheduler, s.latents)]
+        if len(together) < 2:
+            together = []
+        if together:
+            new = dpm_solver_step(
+                [states[i].scheduler for i in together],
+                [states[i].timestep for i in together],
+                [guided[i] for i in together],
+                [states[i].latents for i in together],
+            )
+            for i, latents in zip(together, new, strict=True):
+                self._stepped(states[i], latents, None)
+        chosen = set(together)
+        for i, (s, g) in enumerate(zip(states, guided, strict=True)):
+            if i not in chosen:
+                self._advance(s, g)
+
+    def _advance(self, state: StepState, guided: torch.Tensor) -> None:
         out = state.scheduler.step(
             guided, state.timestep, state.latents, **self.step_kwargs(state), return_dict=True
         )
-        state.latents = out.prev_sample
-        state.last_x0 = getattr(out, "pred_original_sample", None)
+        self._stepped(state, out.prev_sample, getattr(out, "pred_original_sample", None))
+
+    def _stepped(self, state: StepState, latents: torch.Tensor, x0: torch.Tensor | None) -> None:
+        state.latents = latents
+        state.last_x0 = x0
         state.step_index += 1
         self.after_step(state)
 

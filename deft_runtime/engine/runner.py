@@ -5,7 +5,8 @@ For a :class:`StepPlan` it
 1. prepares newly admitted requests: seeds their CPU generators like diffusers, encodes their prompts
    in one batch and sets up their latents and scheduler state;
 2. runs the denoiser once over every row of the planned requests (CFG rows carry the request's
-   adapters), then each request's guidance and its own scheduler step;
+   adapters), then each request's guidance and its own scheduler step (batched across requests where
+   :mod:`.batched_steps` computes it exactly);
 3. checks every stepped request's latents for NaN/Inf with one batched reduction (one host sync per
    forward), so a broken adapter fails only its own request;
 4. renders due previews and VAE-decodes finished requests in batches of one latent shape.
@@ -90,11 +91,12 @@ class StepRunner:
 
     def _step(self, batch: Sequence[TrackedRequest], out: StepOutput) -> None:
         output = self._forward(batch)
-        offset = 0
+        predictions, offset = [], 0
         for r in batch:
             n = self.family.rows(r.st)
-            self.family.step(r.st, output[offset : offset + n])  # guidance + the request's scheduler
+            predictions.append(output[offset : offset + n])
             offset += n
+        self.family.step_many([r.st for r in batch], predictions)  # guidance + each request's scheduler
         finite = all_finite([r.st.latents for r in batch])
         finished = []
         for r, ok in zip(batch, finite, strict=True):

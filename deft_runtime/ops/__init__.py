@@ -23,7 +23,9 @@ when the mapping equals the one it prepared last, as it does for consecutive ste
 Backends:
 
 - ``torch`` (:mod:`.torch_ops`): the reference and the CPU path; ``prepare`` groups rows by slot into
-  runs of consecutive rows, and a layer runs two gathered matmuls per run (views only).
+  runs of consecutive rows, and a layer runs two gathered matmuls per run (views only), or two batched
+  matmuls for all slots when their runs tile a block of rows (one adapter per request), with each
+  layer's stacked pages kept while its slots stay published (``StackCache``).
 - ``triton`` (:mod:`.triton_ops`): ``prepare`` writes dense ``[R, K]`` slot and weight tensors; BGMV-style
   shrink/expand kernels, one program per (row, token block, pair or output block), loop only over each
   row's own pages; registered as a torch custom op so ``torch.compile`` and CUDA graphs work.
