@@ -255,7 +255,6 @@ def instrumented(engine: Engine, device: torch.device = torch.device("cpu")) -> 
         (engine.model, "set_rows", "row mapping"),
         (family, "denoiser_inputs", "input assembly"),
         (family, "guide", "guidance"),
-        (family, "step", "step (with guidance)"),
         (family, "step_many", "step (with guidance)"),
         (runner_module, "all_finite", "NaN checks"),
         (engine.previewer, "preview", "previews"),

@@ -10,9 +10,10 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from deft_runtime.engine.batched_steps import batchable, dpm_solver_step
-from deft_runtime.models.loading import load_pipeline
+from deft_runtime.models import SHAPES_MODEL_DIR
 
-SHAPES_CONFIG = dict(load_pipeline("shapes-sdxl").scheduler.config)  # the shipped model's sampler
+# the shipped model's sampler
+SHAPES_CONFIG = dict(DPMSolverMultistepScheduler.load_config(SHAPES_MODEL_DIR, subfolder="scheduler"))
 
 
 def scheduler(steps: int, **overrides) -> DPMSolverMultistepScheduler:

@@ -59,16 +59,14 @@ class Coefficients:
     half: torch.Tensor | None = None  # 0.5 · scale (second order)
 
 
-_CACHE: dict[tuple[int, int, bool, bytes], Coefficients] = {}
+_CACHE: dict[tuple[int, bool, bytes], Coefficients] = {}
 
 
 def coefficients(scheduler: Any, i: int, second: bool) -> Coefficients:
     """Step ``i``'s coefficients, computed like ``convert_model_output`` and the first/second order
-    updates do (cached by the sigmas' bytes, so equal schedules share them)."""
-    sigmas = scheduler.sigmas
-    key = (i, len(sigmas), second, sigmas.numpy().tobytes() if sigmas.device.type == "cpu" else b"")
-    if not key[3]:
-        return _compute(scheduler, i, second)
+    updates do (cached by the sigmas' bytes, so equal schedules share them; the scheduler keeps its
+    sigmas on the CPU)."""
+    key = (i, second, scheduler.sigmas.cpu().numpy().tobytes())
     found = _CACHE.get(key)
     if found is None:
         if len(_CACHE) > 4096:
@@ -78,21 +76,18 @@ def coefficients(scheduler: Any, i: int, second: bool) -> Coefficients:
 
 
 def _compute(s: Any, i: int, second: bool) -> Coefficients:
-    alpha, sigma = s._sigma_to_alpha_sigma_t(s.sigmas[i])
     alpha_t, sigma_t = s._sigma_to_alpha_sigma_t(s.sigmas[i + 1])
-    alpha_s0, sigma_s0 = s._sigma_to_alpha_sigma_t(s.sigmas[i])
+    alpha_s0, sigma_s0 = s._sigma_to_alpha_sigma_t(s.sigmas[i])  # also x0's: the current sigma
     lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
     lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
     h = lambda_t - lambda_s0
     scale = alpha_t * (torch.exp(-h) - 1.0)
     if not second:
-        return Coefficients(alpha, sigma, sigma_t / sigma_s0, scale)
+        return Coefficients(alpha_s0, sigma_s0, sigma_t / sigma_s0, scale)
     alpha_s1, sigma_s1 = s._sigma_to_alpha_sigma_t(s.sigmas[i - 1])
     lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
     r0 = (lambda_s0 - lambda_s1) / h
-    return Coefficients(
-        alpha, sigma, sigma_t / sigma_s0, scale, 1.0 / r0, 0.5 * (alpha_t * (torch.exp(-h) - 1.0))
-    )
+    return Coefficients(alpha_s0, sigma_s0, sigma_t / sigma_s0, scale, 1.0 / r0, 0.5 * scale)
 
 
 def _order(s: Any) -> bool:
@@ -105,9 +100,9 @@ def _order(s: Any) -> bool:
     return not (c.solver_order == 1 or s.lower_order_nums < 1 or lower_order_final)
 
 
-def _column(values: Sequence[torch.Tensor], counts: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+def _column(values: Sequence[torch.Tensor], counts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-request 0-dim values repeated over each request's rows: ``[rows, 1, 1, 1]``."""
-    col = torch.stack(list(values)).repeat_interleave(torch.tensor(counts))
+    col = torch.stack(list(values)).repeat_interleave(counts)
     return col.to(like.device).view(-1, *[1] * (like.dim() - 1))
 
 
@@ -124,11 +119,12 @@ def dpm_solver_step(
     second = [_order(s) for s in schedulers]
     coefs = [coefficients(s, s.step_index, o) for s, o in zip(schedulers, second, strict=True)]
     counts = [int(x.shape[0]) for x in samples]
+    repeats = torch.tensor(counts)
     sample, output = torch.cat(list(samples)), torch.cat(list(outputs))
     everyone = range(len(coefs))
 
     def col(name: str, idx: Sequence[int] = everyone) -> torch.Tensor:
-        return _column([getattr(coefs[i], name) for i in idx], [counts[i] for i in idx], sample)
+        return _column([getattr(coefs[i], name) for i in idx], repeats[list(idx)], sample)
 
     x0 = (sample - col("sigma") * output) / col("alpha")  # convert_model_output
     prev = col("ratio") * sample - col("scale") * x0  # first order; second-order rows replaced below

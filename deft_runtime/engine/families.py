@@ -155,19 +155,14 @@ class ModelFamily(ABC):
     def guide(self, state: StepState, prediction: torch.Tensor) -> torch.Tensor:
         """Combine a request's rows of the denoiser output into its guided prediction."""
 
-    def step(self, state: StepState, prediction: torch.Tensor) -> None:
-        """Advance the request's scheduler by one step (``prediction`` = its rows of the output)."""
-        self._advance(state, self.guide(state, prediction))
-
     def step_many(self, states: Sequence[StepState], predictions: Sequence[torch.Tensor]) -> None:
-        """:meth:`step` for every request of one forward. Requests whose schedulers
-        :mod:`.batched_steps` computes exactly (DPM-Solver++ on float32 latents) step together in a few
-        batched operations; the others each call their own scheduler."""
+        """Guidance and one scheduler step for every request of one forward (``predictions[i]`` = its
+        rows of the output). Two or more requests whose schedulers :mod:`.batched_steps` computes
+        exactly (DPM-Solver++ on float32 latents) step together in a few batched operations; the others
+        each call their own scheduler."""
         guided = [self.guide(s, p) for s, p in zip(states, predictions, strict=True)]
         together = [i for i, s in enumerate(states) if batchable(s.scheduler, s.latents)]
-        if len(together) < 2:
-            together = []
-        if together:
+        if len(together) > 1:
             new = dpm_solver_step(
                 [states[i].scheduler for i in together],
                 [states[i].timestep for i in together],
@@ -176,9 +171,10 @@ class ModelFamily(ABC):
             )
             for i, latents in zip(together, new, strict=True):
                 self._stepped(states[i], latents, None)
-        chosen = set(together)
+        else:
+            together = []
         for i, (s, g) in enumerate(zip(states, guided, strict=True)):
-            if i not in chosen:
+            if i not in together:
                 self._advance(s, g)
 
     def _advance(self, state: StepState, guided: torch.Tensor) -> None:

@@ -118,7 +118,7 @@ class StackCache:
     def get(
         self, pages: LayerPages, indices: tuple[slice | torch.Tensor, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(stack(A[p_u]), stack(B[p_u]))`` for ``indices`` (one page index per slot, equal ranks)."""
+        """:func:`stack_pages` of ``indices`` (one page index per slot), from the cache when valid."""
         entry = self._entries.get(id(pages))
         if (
             entry is not None
@@ -129,8 +129,7 @@ class StackCache:
             self.hits += 1
             return entry[2], entry[3]
         self.misses += 1
-        A = torch.stack([pages.A[index] for index in indices])
-        B = torch.stack([pages.B[index] for index in indices])
+        A, B = stack_pages(pages, indices)
         if entry is not None:
             del self._entries[id(pages)]
             self.nbytes -= _nbytes(entry[2], entry[3])
@@ -143,6 +142,13 @@ class StackCache:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+
+def stack_pages(
+    pages: LayerPages, indices: Sequence[slice | torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stack(A[p_u]), stack(B[p_u]))``: ``[U, r, d_in]`` and ``[U, r, d_out]`` (equal ranks)."""
+    return torch.stack([pages.A[i] for i in indices]), torch.stack([pages.B[i] for i in indices])
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -169,11 +175,7 @@ def tiled_add_adapters(
     indices = tuple(index for index in found if index is not None)
     if len(indices) != len(found) or len({_rank(index) for index in indices}) != 1:
         return False
-    if stacks is not None:
-        A, B = stacks.get(pages, indices)
-    else:
-        A = torch.stack([pages.A[index] for index in indices])
-        B = torch.stack([pages.B[index] for index in indices])
+    A, B = stacks.get(pages, indices) if stacks is not None else stack_pages(pages, indices)
     u, tokens = len(tiling.slots), tiling.n * x.shape[1]
     v = torch.bmm(x[tiling.start : tiling.stop].view(u, tokens, -1), A.transpose(1, 2))
     if tiling.weights is not None:
